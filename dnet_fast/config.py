@@ -1,0 +1,423 @@
+"""The frozen configuration tree: sections, YAML presets, dotted overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "DiffNetConfig",
+    "LossConfig",
+    "MetaConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_yaml",
+    "load_config",
+    "preset_names",
+    "preset_path",
+]
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True, slots=True)
+class DataConfig:
+    """Where the images come from and how they are loaded."""
+
+    dataset: str = "synthetic"  # dataset registry name: synthetic | cifar10_lt | cifar100_lt | splits | shards
+    root: str = ""  # dataset root: CIFAR python folder, image root, or shard folder
+    imbalance: float = 100.0  # ρ = n_max / n_min of the exponential profile (synthetic, CIFAR-LT)
+    num_classes: int = 10  # number of classes (synthetic only; others read it from the data)
+    max_count: int = 200  # images of the head class (synthetic only)
+    image_size: int = 16  # side of generated images in px (synthetic only)
+    crop_size: int = 224  # train/eval crop in px for file-based data (ImageNet-style transforms)
+    val_per_class: int = 20  # balanced val (= meta) images per class (synthetic, CIFAR-LT)
+    test_per_class: int = 50  # balanced test images per class (synthetic only)
+    cifar_variant: str = "standard"  # CIFAR-LT: standard (seeded draw) | official (last 25/class held out)
+    train_list: str = ""  # split file for the train set (splits dataset): "relative/path label" per line
+    val_list: str = ""  # split file for the val (= meta) set
+    test_list: str = ""  # split file for the test set
+    meta_per_class: int = 10  # meta/val images per class drawn from the val split file (splits dataset)
+    loader: str = "auto"  # train loader registry name: auto | resident | naive | ffcv | dali
+    workers: int = 2  # loader worker processes/threads
+    augment: str = "auto"  # train augmentation: auto | cifar | imagenet | none
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The classifier network."""
+
+    backbone: str = "resnet32"  # model registry name (resnet32, resnet10, ..., resnet152, places_resnet152)
+    head: str = "linear"  # classifier head: linear | cosine
+    head_scale: float = 30.0  # cosine head scale s (logits = s·cos)
+    pretrained: str = ""  # torchvision-layout .pth file to load into the backbone ("" = random init)
+    width: int = 16  # first-stage width of CIFAR ResNets (channels)
+    channels_last: bool = False  # use the channels_last memory format
+
+
+@dataclass(frozen=True, slots=True)
+class OptimConfig:
+    """The main (classifier) optimiser and learning-rate schedule."""
+
+    epochs: int = 30  # training epochs
+    batch_size: int = 128  # training batch size (images)
+    lr: float = 0.1  # peak learning rate of freshly initialised parameters
+    pretrained_lr_mult: float = 1.0  # lr factor for parameters loaded from --pretrained (Places-LT: 0.1)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 2e-4  # coupled L2 weight decay on every parameter
+    schedule: str = "step"  # lr schedule: step | cosine | constant
+    warmup_epochs: int = 0  # linear warm-up epochs to the peak lr
+    milestones: tuple[int, ...] = ()  # step schedule: epochs (0-based) where lr is multiplied by gamma
+    gamma: float = 0.1  # step schedule factor
+    min_lr: float = 0.0  # cosine schedule floor
+
+
+@dataclass(frozen=True, slots=True)
+class LossConfig:
+    """The per-sample training loss (see dnet_fast.losses)."""
+
+    name: str = "ce"  # loss registry name
+    focal_gamma: float = 1.0  # focal loss γ
+    cb_beta: float = 0.9999  # class-balanced (effective number) β
+    ldam_max_margin: float = 0.5  # LDAM largest margin Δ
+    ldam_scale: float = 30.0  # LDAM logit scale s
+    drw_epoch: int = -1  # deferred re-weighting starts at this epoch (-1: never)
+    eql_lambda: float = 0.005  # EQL frequency threshold on π_j
+    eql_gamma: float = 0.9  # EQL probability of applying the suppression
+    cdb_tau: float = 1.0  # CDB-CE exponent τ on (1 - a_c); negative = dynamic τ
+    la_tau: float = 1.0  # logit-adjustment τ (1 = Balanced Softmax)
+
+
+@dataclass(frozen=True, slots=True)
+class DiffNetConfig:
+    """Difficulty-Net: the accuracy → difficulty MLP and its Adam optimiser."""
+
+    hidden: int = 128  # hidden width H of both hidden layers
+    bias: bool = False  # Linear layers with biases (ImageNet/Places: yes, CIFAR: no)
+    lr: float = 1e-5  # Adam learning rate β
+    weight_decay: float = 1e-4  # Adam coupled L2 weight decay
+    normalize: str = "sum_to_C"  # class weights: sum_to_C (w = C·d/Σd) | none (w = d)
+    init_acc: str = "zeros"  # epoch-0 accuracy vector: zeros | eval
+
+
+@dataclass(frozen=True, slots=True)
+class MetaConfig:
+    """The meta-learning update (exact | driver | off | mwn)."""
+
+    mode: str = "exact"  # meta mode registry name
+    lambda_dr: float = 0.3  # driver-loss weight λ
+    meta_batch: int = 100  # balanced meta batch size m
+    sampler: str = "balanced"  # meta batches: balanced | shuffle
+    acc_every: int = 0  # re-measure A_C every N iterations (0: once per epoch)
+    grad: str = "jvp"  # exact meta-gradient algorithm: jvp | double_backward
+    mwn_hidden: int = 100  # MWN baseline: hidden width of V(ℓ)
+    mwn_lr: float = 1e-5  # MWN baseline: SGD learning rate of V
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Where and how the run executes."""
+
+    seed: int = 0  # the seed of every random draw of the run
+    out_dir: str = "runs/default"  # run directory (config, metrics, checkpoints)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
+    eval_batch: int = 256  # evaluation batch size
+    log_every: int = 20  # iterations between metric log lines
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # show a progress bar
+    select: str = "last"  # reported model: last | val (best val accuracy; never test)
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    compile: bool = False  # torch.compile the backbone
+    graph: str = "auto"  # CUDA-graph step: auto | on | off
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """The whole resolved configuration of a training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    diffnet: DiffNetConfig = field(default_factory=DiffNetConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        """Checks every value and cross-field invariant; returns self.
+
+        Raises:
+            ValueError: a value is out of range or a name is unknown (the message says which and why).
+        """
+        for check in _CHECKS:
+            check(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: each check raises ValueError naming the key.
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        msg = f"invalid config value {key}: {why}"
+        raise ValueError(msg)
+
+
+def _choice(value: str, key: str, valid: typing.Iterable[str]) -> None:
+    valid = list(valid)
+    _require(value in valid, key, f"'{value}' is not one of: {', '.join(valid)}")
+
+
+def _check_data(c: TrainConfig) -> None:
+    d = c.data
+    _require(d.imbalance >= 1, "data.imbalance", f"must be >= 1, got {d.imbalance}")
+    _require(d.num_classes >= 2, "data.num_classes", f"must be >= 2, got {d.num_classes}")
+    _require(d.max_count >= 1, "data.max_count", f"must be >= 1, got {d.max_count}")
+    _require(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    _require(d.crop_size >= 8, "data.crop_size", f"must be >= 8, got {d.crop_size}")
+    _require(d.val_per_class >= 1, "data.val_per_class", f"must be >= 1, got {d.val_per_class}")
+    _require(d.test_per_class >= 1, "data.test_per_class", f"must be >= 1, got {d.test_per_class}")
+    _require(d.meta_per_class >= 1, "data.meta_per_class", f"must be >= 1, got {d.meta_per_class}")
+    _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _choice(d.cifar_variant, "data.cifar_variant", ["standard", "official"])
+    _choice(d.augment, "data.augment", ["auto", "cifar", "imagenet", "none"])
+
+
+def _check_optim(c: TrainConfig) -> None:
+    o = c.optim
+    _require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _require(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(o.pretrained_lr_mult >= 0, "optim.pretrained_lr_mult", "must be >= 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _choice(o.schedule, "optim.schedule", ["step", "cosine", "constant"])
+    _require(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, epochs)")
+    _require(all(m >= 0 for m in o.milestones), "optim.milestones", "must be >= 0")
+    _require(list(o.milestones) == sorted(o.milestones), "optim.milestones", "must be increasing")
+    _require(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    _require(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+
+
+def _check_loss(c: TrainConfig) -> None:
+    s = c.loss
+    _require(s.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
+    _require(0 <= s.cb_beta < 1, "loss.cb_beta", f"must be in [0, 1), got {s.cb_beta}")
+    _require(s.ldam_max_margin > 0, "loss.ldam_max_margin", "must be > 0")
+    _require(s.ldam_scale > 0, "loss.ldam_scale", "must be > 0")
+    _require(s.drw_epoch >= -1, "loss.drw_epoch", "must be >= -1")
+    _require(0 <= s.eql_gamma <= 1, "loss.eql_gamma", "must be in [0, 1]")
+    _require(s.eql_lambda >= 0, "loss.eql_lambda", "must be >= 0")
+
+
+def _check_diffnet(c: TrainConfig) -> None:
+    n = c.diffnet
+    _require(n.hidden >= 1, "diffnet.hidden", f"must be >= 1, got {n.hidden}")
+    _require(n.lr > 0, "diffnet.lr", f"must be > 0, got {n.lr}")
+    _require(n.weight_decay >= 0, "diffnet.weight_decay", "must be >= 0")
+    _choice(n.normalize, "diffnet.normalize", ["sum_to_C", "none"])
+    _choice(n.init_acc, "diffnet.init_acc", ["zeros", "eval"])
+
+
+def _check_meta(c: TrainConfig) -> None:
+    m = c.meta
+    _require(m.lambda_dr >= 0, "meta.lambda_dr", f"must be >= 0, got {m.lambda_dr}")
+    _require(m.meta_batch >= 1, "meta.meta_batch", f"must be >= 1, got {m.meta_batch}")
+    _choice(m.sampler, "meta.sampler", ["balanced", "shuffle"])
+    _require(m.acc_every >= 0, "meta.acc_every", "must be >= 0")
+    _choice(m.grad, "meta.grad", ["jvp", "double_backward"])
+    _require(m.mwn_hidden >= 1, "meta.mwn_hidden", "must be >= 1")
+    _require(m.mwn_lr > 0, "meta.mwn_lr", "must be > 0")
+
+
+def _check_run(c: TrainConfig) -> None:
+    r = c.run
+    _choice(r.device, "run.device", ["auto", "cpu", "cuda"])
+    _choice(r.precision, "run.precision", ["fp32", "bf16"])
+    _require(r.eval_batch >= 1, "run.eval_batch", "must be >= 1")
+    _require(r.log_every >= 1, "run.log_every", "must be >= 1")
+    _choice(r.select, "run.select", ["last", "val"])
+    _require(r.threads >= 0, "run.threads", "must be >= 0")
+    _choice(r.graph, "run.graph", ["auto", "on", "off"])
+    _require(bool(r.out_dir), "run.out_dir", "must not be empty")
+
+
+def _check_names(c: TrainConfig) -> None:
+    # Registries import torch; imported here so that config parsing stays light.
+    from dnet_fast.data import DATASETS, LOADERS
+    from dnet_fast.losses import LOSSES
+    from dnet_fast.meta import META_MODES
+    from dnet_fast.models import MODELS
+
+    _choice(c.data.dataset, "data.dataset", DATASETS.names())
+    _choice(c.data.loader, "data.loader", ["auto", *LOADERS.names()])
+    _choice(c.model.backbone, "model.backbone", MODELS.names())
+    _choice(c.model.head, "model.head", ["linear", "cosine"])
+    _choice(c.loss.name, "loss.name", LOSSES.names())
+    _choice(c.meta.mode, "meta.mode", META_MODES.names())
+
+
+_CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run, _check_names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversion between the dataclass tree, plain dicts, YAML files and dotted overrides.
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The config as nested plain dicts (tuples become lists), suitable for YAML/JSON and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        f.name: {g.name: plain(getattr(getattr(cfg, f.name), g.name)) for g in fields(getattr(cfg, f.name))}
+        for f in fields(cfg)
+    }
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    """Builds a TrainConfig from nested dicts; unknown sections or keys raise ValueError naming ``source``."""
+    sections = {f.name: f for f in fields(TrainConfig)}
+    built = {}
+    for name, values in (raw or {}).items():
+        if name not in sections:
+            msg = f"{source}: unknown config section '{name}'; valid: {', '.join(sections)}"
+            raise ValueError(msg)
+        if not isinstance(values, dict):
+            msg = f"{source}: section '{name}' must be a mapping"
+            raise ValueError(msg)
+        built[name] = _section_from_dict(_section_type(name), values, f"{source}: {name}")
+    return TrainConfig(**built)
+
+
+def _section_type(name: str) -> type:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in valid:
+            msg = f"{where}: unknown key '{key}'; valid: {', '.join(sorted(valid))}"
+            raise ValueError(msg)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Converts a YAML/CLI value to the annotated type, rejecting values of the wrong kind."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else _parse_list(value, key)
+        (item_type, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item_type, key) for v in items)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            return _to_bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        msg = f"invalid config value {key}: cannot read {value!r} as {hint.__name__}"
+        raise ValueError(msg) from None
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _parse_list(value: Any, key: str) -> list[Any]:
+    parsed = yaml.safe_load(str(value)) if isinstance(value, str) else value
+    if parsed is None:
+        return []
+    if isinstance(parsed, int | float):
+        return [parsed]
+    if not isinstance(parsed, list):
+        msg = f"invalid config value {key}: expected a list such as [160,180], got {value!r}"
+        raise ValueError(msg)
+    return parsed
+
+
+def apply_overrides(cfg: TrainConfig, overrides: typing.Iterable[str]) -> TrainConfig:
+    """Returns a copy of ``cfg`` with ``section.key=value`` overrides applied (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            msg = f"override '{item}' must look like section.key=value (e.g. optim.lr=0.05)"
+            raise ValueError(msg)
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        value = yaml.safe_load(text) if text.strip() else ""
+        current = dataclasses.asdict(getattr(cfg, section)) if hasattr(cfg, section) else None
+        if current is None:
+            msg = f"override '{item}': unknown config section '{section}'"
+            raise ValueError(msg)
+        current[key] = value
+        cfg = replace(cfg, **{section: _section_from_dict(_section_type(section), current, section)})
+    return cfg
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped YAML presets (file stems in dnet_fast/configs)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolves a preset name or a YAML path; raises ValueError listing the presets when neither exists."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PRESET_DIR / f"{path.stem}.yaml"
+    if candidate.exists() and path.suffix in ("", ".yaml", ".yml"):
+        return candidate
+    msg = f"unknown preset '{name_or_path}'; valid: {', '.join(preset_names())} (or a path to a .yaml file)"
+    raise ValueError(msg)
+
+
+def load_config(preset: str | None = None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """Loads a preset (name or path; None = defaults), applies overrides and validates."""
+    cfg = TrainConfig()
+    if preset:
+        path = preset_path(preset)
+        with path.open() as f:
+            raw = yaml.safe_load(f) or {}
+        cfg = config_from_dict(raw, source=str(path))
+    return apply_overrides(cfg, overrides).validate()
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
