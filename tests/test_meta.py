@@ -1,0 +1,379 @@
+"""Meta modes: registry, weights, driver/exact equivalences, BatchNorm semantics, the real step, state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dnet_fast.config import DiffNetConfig, LossConfig, MetaConfig, TrainConfig
+from dnet_fast.losses import LOSSES, ClassBalancedCE, CrossEntropy, build_loss, reduce_loss
+from dnet_fast.meta import (
+    META_MODES,
+    ExactMode,
+    Inner,
+    MetaMode,
+    build_meta_mode,
+    class_weights,
+    driver_loss,
+    forward_ad_problem,
+    meta_gradient_double_backward,
+    weighted_mean,
+)
+from dnet_fast.models import DifficultyNet, MetaWeightNet
+
+C, B, M = 5, 8, 6  # classes, train batch, meta batch
+LAMBDA = 0.3
+ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
+MOMENTUM, WD, LRS = 0.9, 5e-4, (0.5, 0.3)  # main SGD: backbone lr, head lr
+MODES = [
+    ("off", "jvp"),
+    ("driver", "jvp"),
+    ("exact", "jvp"),
+    ("exact", "double_backward"),
+    ("mwn", "jvp"),
+    ("mwn", "double_backward"),
+]
+
+
+class TinyNet(nn.Module):
+    """conv → BN → ReLU → global average pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def make(
+    mode: str,
+    grad: str = "jvp",
+    criterion: nn.Module | None = None,
+    normalize: str = "sum_to_C",
+    device: str = "cpu",
+    **kwargs,
+) -> MetaMode:
+    """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
+    cfg = TrainConfig(
+        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2, normalize=normalize),
+        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyNet().to(device, torch.float64).train()
+        groups = [
+            {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": LRS[0]},
+            {"params": list(model.fc.parameters()), "lr": LRS[1]},
+        ]
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+        criterion = (criterion or CrossEntropy()).to(device)
+        meta = META_MODES.get(mode)(cfg, model, criterion, optimizer, C, **kwargs)
+    meta.set_class_accuracy(ACC.to(device))
+    return meta
+
+
+def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """A train batch (x, y) and a balanced meta batch, a pure function of ``step``."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
+    return x, y, (xm, torch.arange(M) % C)
+
+
+def flat_grad(net: nn.Module) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def driver_grad(diffnet: nn.Module) -> Tensor:
+    """λ ∇_θ L_dr written out independently."""
+    d = diffnet(ACC)  # (C,)
+    loss = LAMBDA * ((1.0 - ACC / ACC.sum() - d) ** 2).mean()
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(diffnet.parameters()))])
+
+
+def assert_same_state(a: MetaMode, b: MetaMode, **tol) -> None:
+    """Model parameters and buffers, momentum buffers and Difficulty-Net parameters agree."""
+    tol = tol or {"rtol": 0, "atol": 0}
+    for (name, ta), tb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(ta, tb, msg=name, **tol)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(
+            a.optimizer.state[pa]["momentum_buffer"], b.optimizer.state[pb]["momentum_buffer"], **tol
+        )
+    if a.diffnet is not None:
+        for ta, tb in zip(a.diffnet.parameters(), b.diffnet.parameters(), strict=True):
+            torch.testing.assert_close(ta, tb, **tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry and construction
+
+
+def test_registry_names_and_builder():
+    assert META_MODES.names() == ["driver", "exact", "mwn", "off"]
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name in META_MODES.names():
+        cfg = TrainConfig(meta=MetaConfig(mode=name), diffnet=DiffNetConfig(hidden=8))
+        meta = build_meta_mode(cfg, model, CrossEntropy(), optimizer, C)
+        assert meta.needs_meta_batch == (name in ("exact", "mwn"))
+        assert (meta.diffnet is not None) == (name in ("driver", "exact"))
+        if meta.diffnet is not None:
+            assert isinstance(meta.diffnet, DifficultyNet)
+            assert all(p.dtype == torch.float32 for p in meta.diffnet.parameters())
+        if name == "mwn":
+            assert isinstance(meta.vnet, MetaWeightNet)
+
+
+def test_step_rejects_eval_mode_missing_meta_batch_and_bad_accuracy():
+    meta = make("exact")
+    x, y, _ = batch(0)
+    with pytest.raises(ValueError, match="meta batch"):
+        meta.step(x, y, None)
+    meta.model.eval()
+    with pytest.raises(RuntimeError, match="train"):
+        meta.step(*batch(0))
+    with pytest.raises(ValueError, match="shape"):
+        meta.set_class_accuracy(torch.zeros(C + 1))
+
+
+def test_every_registered_loss_has_forward_mode_ad():
+    counts = torch.tensor([40.0, 20, 10, 5, 2])
+    for name in LOSSES.names():
+        assert (
+            forward_ad_problem(build_loss(LossConfig(name=name), counts, 10), C, torch.device("cpu")) is None
+        )
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+class OpaqueCE(nn.Module):
+    """CE through an autograd.Function without a forward-mode formula."""
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(_NoForwardAD.apply(z), y, reduction="none")
+
+
+def test_jvp_falls_back_to_double_backward_with_a_reason():
+    meta = make("exact", "jvp", OpaqueCE())
+    assert meta.grad == "double_backward"
+    assert "OpaqueCE" in meta.grad_fallback_reason
+    out = meta.step(*batch(0))
+    assert torch.isfinite(out["meta_loss"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights and the weighted loss
+
+
+def test_weighted_mean_needs_matching_vectors():
+    losses, w = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([4.0, 0.0, 0.0, 0.0])
+    assert weighted_mean(losses, w).item() == pytest.approx(1.0)
+    assert (losses.mean() * w.mean()).item() == pytest.approx(2.5)  # the broadcasting bug's value differs
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        weighted_mean(losses[:, None], w)
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        weighted_mean(losses, w[:, None])
+
+
+@pytest.mark.parametrize("mode", ["driver", "exact"])
+def test_class_weights_sum_to_c_and_match_the_net(mode):
+    meta = make(mode)
+    meta.step(*batch(0))
+    w = meta.class_weights()
+    d = meta.diffnet(ACC).detach()
+    assert w.shape == (C,)
+    torch.testing.assert_close(w.sum(), torch.tensor(float(C), dtype=w.dtype))
+    torch.testing.assert_close(w, C * d / d.sum())
+    torch.testing.assert_close(make(mode, normalize="none").class_weights(), make(mode).diffnet(ACC).detach())
+
+
+def test_step_returns_detached_scalars():
+    for mode, grad in MODES:
+        out = make(mode, grad).step(*batch(0))
+        assert "loss" in out
+        assert all(v.dim() == 0 and not v.requires_grad for v in out.values())
+    keys = set(make("exact").step(*batch(0)))
+    assert keys == {"loss", "meta_loss", "driver_loss", "weight_min", "weight_max", "weight_E"}
+
+
+def test_driver_loss_formula():
+    d = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    acc = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert driver_loss(d, acc).item() == pytest.approx(
+        ((0.5 - 0.2) ** 2 + (0.7 - 0.5) ** 2 + (0.8 - 0.9) ** 2) / 3
+    )
+    torch.testing.assert_close(driver_loss(d, torch.zeros(3, dtype=torch.float64)), ((1 - d) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver, exact and the official (detached) pattern
+
+
+def test_driver_gradient_is_lambda_grad_l_dr_and_exact_differs():
+    driver, exact = make("driver"), make("exact")
+    expected = driver_grad(copy.deepcopy(driver.diffnet))
+    driver.step(*batch(0))
+    exact.step(*batch(0))
+    torch.testing.assert_close(flat_grad(driver.diffnet), expected, rtol=1e-10, atol=1e-16)
+    assert (flat_grad(exact.diffnet) - expected).norm() > 0.05 * expected.norm()
+
+
+@pytest.mark.parametrize("grad", ["jvp", "double_backward"])
+@pytest.mark.parametrize("variant", [{"meta_scale": 0.0}, {"detach_weights": True}])
+def test_exact_without_meta_term_equals_driver_step_for_step(grad, variant):
+    driver, exact = make("driver"), make("exact", grad, **variant)
+    for step in range(3):
+        out_d, out_e = driver.step(*batch(step)), exact.step(*batch(step))
+        torch.testing.assert_close(flat_grad(exact.diffnet), flat_grad(driver.diffnet), rtol=0, atol=0)
+        torch.testing.assert_close(out_e["loss"], out_d["loss"], rtol=0, atol=0)
+    assert_same_state(driver, exact)
+
+
+def test_detached_weights_send_no_meta_gradient_to_theta():
+    """The official code's pattern (SPEC §4.2): weights detached before the virtual step."""
+    meta = make("exact", "double_backward")
+    x, y, meta_batch = batch(0)
+    inner = meta._inner(x, y)
+    theta = list(meta.diffnet.parameters())
+    for detach in (True, False):
+        w, _ = class_weights(meta.diffnet, meta.acc, "sum_to_C")
+        omega = w[y].detach() if detach else w[y]
+        l_meta = meta_gradient_double_backward(inner, lambda _, o=omega: o, meta_batch).roots[0]
+        grads = torch.autograd.grad(l_meta, theta, allow_unused=True)
+        if detach:
+            assert all(g is None for g in grads)
+        else:
+            assert all(g is not None for g in grads)
+            assert sum(float(g.norm()) for g in grads) > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BatchNorm semantics and the real step
+
+
+@pytest.mark.parametrize(("mode", "grad"), MODES)
+def test_bn_running_stats_change_as_one_train_forward(mode, grad):
+    meta = make(mode, grad)
+    ref = copy.deepcopy(meta.model).train()
+    x, y, meta_batch = batch(0)
+    with torch.no_grad():
+        ref(x)
+    meta.step(x, y, meta_batch)
+    for name, buf in ref.named_buffers():
+        torch.testing.assert_close(dict(meta.model.named_buffers())[name], buf, rtol=0, atol=0, msg=name)
+    assert int(meta.model.bn.num_batches_tracked) == 1
+
+
+def _sgd_reference(params: dict[str, Tensor], grads: dict[str, Tensor], bufs: dict[str, Tensor]) -> None:
+    """Torch SGD by hand: coupled L2, momentum (no dampening), Nesterov; updates params and bufs in place."""
+    for name, p in params.items():
+        g = grads[name] + WD * p
+        bufs[name] = g.clone() if name not in bufs else MOMENTUM * bufs[name] + g
+        p -= (LRS[0] if not name.startswith("fc") else LRS[1]) * (g + MOMENTUM * bufs[name])
+
+
+@pytest.mark.parametrize(
+    ("mode", "grad", "loss"),
+    [
+        ("off", "jvp", "cb"),
+        ("driver", "jvp", "ce"),
+        ("driver", "jvp", "cb"),
+        ("exact", "jvp", "ce"),
+        ("exact", "double_backward", "cb"),
+        ("mwn", "jvp", "ce"),
+    ],
+)
+def test_real_step_equals_hand_written_sgd(mode, grad, loss):
+    criterion = (
+        CrossEntropy() if loss == "ce" else ClassBalancedCE(torch.tensor([40.0, 20, 10, 5, 2]), beta=0.99)
+    )
+    meta = make(mode, grad, criterion)
+    ref = copy.deepcopy(meta.model).train()
+    params, bufs = {n: p.detach().clone() for n, p in ref.named_parameters()}, {}
+    for step in range(2):
+        x, y, meta_batch = batch(step)
+        out = meta.step(x, y, meta_batch)
+        live = {n: p.requires_grad_() for n, p in params.items()}
+        ell = torch.func.functional_call(ref, live, (x,))
+        ell = criterion(ell, y)  # (B,)
+        if mode == "mwn":
+            v = meta.vnet(ell.detach())  # V after its update
+            loss_ref = reduce_loss(ell * (B * v / v.sum()), y, criterion)
+        else:
+            loss_ref = reduce_loss(ell, y, criterion, None if mode == "off" else meta.class_weights())
+        grads = dict(zip(live, torch.autograd.grad(loss_ref, list(live.values())), strict=True))
+        params = {n: p.detach() for n, p in live.items()}
+        _sgd_reference(params, grads, bufs)
+        torch.testing.assert_close(out["loss"], loss_ref.detach(), rtol=1e-13, atol=0)
+    for name, p in meta.model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[name], rtol=1e-12, atol=1e-15, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+@pytest.mark.parametrize(("mode", "grad"), [("driver", "jvp"), ("exact", "jvp"), ("mwn", "jvp")])
+def test_state_dict_round_trip_continues_identically(mode, grad):
+    a = make(mode, grad)
+    a.step(*batch(0))
+    b = make(mode, grad)
+    b.model.load_state_dict(a.model.state_dict())
+    b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))  # SGD keeps the tensors it is given
+    b.set_class_accuracy(torch.zeros(C))
+    b.load_state_dict(
+        copy.deepcopy(a.state_dict())
+    )  # restores A too; optimisers keep the tensors they are given
+    torch.testing.assert_close(b.acc, a.acc)
+    out_a, out_b = a.step(*batch(1)), b.step(*batch(1))
+    for key, value in out_a.items():
+        torch.testing.assert_close(out_b[key], value, rtol=0, atol=0)
+    assert_same_state(a, b)
+
+
+def test_off_mode_ignores_class_accuracy_and_has_unit_weights():
+    meta = make("off")
+    assert not meta.needs_meta_batch
+    torch.testing.assert_close(meta.class_weights(), torch.ones(C, dtype=torch.float64))
+    assert make("mwn").class_weights() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("mode", "grad"), MODES)
+def test_step_has_no_host_sync_on_cuda(mode, grad):
+    meta = make(mode, grad, device="cuda")
+    x, y, (xm, ym) = batch(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            meta.step(x.cuda(), y.cuda(), (xm.cuda(), ym.cuda()))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_inner_reads_group_lr_each_step():
+    meta = make("exact")
+    meta.optimizer.param_groups[1]["lr"] = 0.01
+    inner = meta._inner(*batch(0)[:2])
+    assert isinstance(inner, Inner)
+    assert inner.lrs["fc.weight"] == 0.01
+    assert inner.lrs["conv.weight"] == LRS[0]
+    assert isinstance(meta, ExactMode)

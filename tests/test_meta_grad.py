@@ -1,0 +1,170 @@
+"""Meta-gradient checks in float64: exact mode against finite differences, jvp against the double backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dnet_fast.config import DiffNetConfig, MetaConfig, TrainConfig
+from dnet_fast.losses import ClassBalancedCE, CrossEntropy
+from dnet_fast.meta import META_MODES, MetaMode
+
+C, B, M = 5, 8, 6  # classes, train batch, meta batch
+LAMBDA = 0.3
+ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
+LRS = {"conv": 0.5, "bn": 0.5, "fc": 0.3}  # α per param group (backbone, head): two groups on purpose
+
+
+class TinyNet(nn.Module):
+    """conv → BN → ReLU → global average pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def tiny_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """TinyNet in plain functional ops, train-mode BN (batch statistics, no running statistics)."""
+    h = F.conv2d(x, params["conv.weight"], padding=1)  # (B, 4, H, W)
+    h = F.batch_norm(h, None, None, params["bn.weight"], params["bn.bias"], training=True)
+    return F.linear(torch.relu(h).mean((2, 3)), params["fc.weight"], params["fc.bias"])  # (B, C)
+
+
+def make(mode: str, grad: str = "jvp", criterion: nn.Module | None = None, **kwargs) -> MetaMode:
+    """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
+    cfg = TrainConfig(
+        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2),
+        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyNet().double().train()
+        groups = [
+            {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": LRS["conv"]},
+            {"params": list(model.fc.parameters()), "lr": LRS["fc"]},
+        ]
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        meta = META_MODES.get(mode)(cfg, model, criterion or CrossEntropy(), optimizer, C, **kwargs)
+    meta.set_class_accuracy(ACC)
+    return meta
+
+
+def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """A train batch (x, y) and a balanced meta batch, a pure function of ``step``."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
+    return x, y, (xm, torch.arange(M) % C)
+
+
+def aux_net(meta: MetaMode) -> nn.Module:
+    return meta.diffnet if meta.diffnet is not None else meta.vnet
+
+
+def flat_grad(net: nn.Module) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def bilevel_objective(
+    diffnet: nn.Module, theta: dict[str, Tensor], phi: dict[str, Tensor], alpha, data
+) -> Tensor:
+    """J(θ) = L_meta(φ − α ∇_φ L_w(φ; θ)) + λ L_dr(θ), written independently of dnet_fast.meta."""
+    x, y, (xm, ym) = data
+    d = functional_call(diffnet, theta, (ACC,))  # (C,)
+    w = C * d / d.sum()
+    l_dr = ((1.0 - ACC / (ACC.sum() + 1e-12) - d) ** 2).mean()
+    p = {n: v.clone().requires_grad_() for n, v in phi.items()}
+    ell = F.cross_entropy(tiny_forward(p, x), y, reduction="none")  # (B,)
+    g = torch.autograd.grad((w[y] * ell).mean(), list(p.values()))
+    p_hat = {n: phi[n] - alpha[n] * gn for n, gn in zip(p, g, strict=True)}
+    return F.cross_entropy(tiny_forward(p_hat, xm), ym) + LAMBDA * l_dr
+
+
+def central_differences(fn, theta: dict[str, Tensor], h: float = 1e-5) -> Tensor:
+    out = []
+    for name, value in theta.items():
+        for i in range(value.numel()):
+            plus, minus = dict(theta), dict(theta)
+            plus[name] = value.flatten().index_add(0, torch.tensor([i]), torch.tensor([h], dtype=value.dtype))
+            minus[name] = value.flatten().index_add(
+                0, torch.tensor([i]), torch.tensor([-h], dtype=value.dtype)
+            )
+            plus[name], minus[name] = plus[name].view_as(value), minus[name].view_as(value)
+            out.append((fn(plus) - fn(minus)) / (2 * h))
+    return torch.stack(out)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("grad", ["jvp", "double_backward"])
+def test_exact_theta_gradient_matches_finite_differences(grad):
+    meta = make("exact", grad)
+    data = batch(0)
+    phi = {n: p.detach().clone() for n, p in meta.model.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in meta.diffnet.named_parameters()}
+    alpha = {n: LRS[n.split(".")[0]] for n in phi}
+    meta.step(*data)
+    got = flat_grad(meta.diffnet)  # ∂J/∂θ at θ_t (Adam leaves .grad alone)
+
+    fd = central_differences(lambda th: bilevel_objective(meta.diffnet, th, phi, alpha, data), theta)
+    th = {n: v.clone().requires_grad_() for n, v in theta.items()}
+    d = functional_call(meta.diffnet, th, (ACC,))
+    dr = torch.autograd.grad(LAMBDA * ((1.0 - ACC / ACC.sum() - d) ** 2).mean(), list(th.values()))
+    dr = torch.cat([g.flatten() for g in dr])  # the driver part λ ∇L_dr
+    assert rel_err(got, fd) < 1e-4
+    assert rel_err(got - dr, fd - dr) < 1e-4  # the meta term alone, not just the (larger) driver term
+    assert (fd - dr).norm() > 1e-3 * fd.norm()  # and that term is not negligible
+
+
+@pytest.mark.parametrize(("mode", "loss"), [("exact", "ce"), ("exact", "cb"), ("mwn", "ce")])
+def test_jvp_equals_double_backward_step_for_step(mode, loss):
+    def criterion() -> nn.Module:
+        return (
+            CrossEntropy() if loss == "ce" else ClassBalancedCE(torch.tensor([40.0, 20, 10, 5, 2]), beta=0.99)
+        )
+
+    fast, ref = make(mode, "jvp", criterion()), make(mode, "double_backward", criterion())
+    assert (fast.grad, ref.grad) == ("jvp", "double_backward")
+    for step in range(3):
+        data = batch(step)
+        out_fast, out_ref = fast.step(*data), ref.step(*data)
+        if step == 0:
+            torch.testing.assert_close(
+                flat_grad(aux_net(fast)), flat_grad(aux_net(ref)), rtol=1e-10, atol=1e-13
+            )
+        for key in out_ref:
+            torch.testing.assert_close(out_fast[key], out_ref[key], rtol=1e-10, atol=1e-13)
+    for a, b in ((fast.model, ref.model), (aux_net(fast), aux_net(ref))):
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(ta, tb, rtol=1e-10, atol=1e-13, msg=name)
+    for pa, pb in zip(fast.model.parameters(), ref.model.parameters(), strict=True):
+        buf_a, buf_b = fast.optimizer.state[pa]["momentum_buffer"], ref.optimizer.state[pb]["momentum_buffer"]
+        torch.testing.assert_close(buf_a, buf_b, rtol=1e-10, atol=1e-13)
+
+
+def test_mwn_gradient_matches_hand_written_double_backward():
+    meta = make("mwn", "jvp")
+    x, y, (xm, ym) = data = batch(0)
+    phi = {n: p.detach().clone().requires_grad_() for n, p in meta.model.named_parameters()}
+    vnet_params = dict(meta.vnet.named_parameters())
+    alpha = {n: LRS[n.split(".")[0]] for n in phi}
+    ell = F.cross_entropy(tiny_forward(phi, x), y, reduction="none")  # (B,)
+    v = meta.vnet(ell.detach())  # (B,)
+    g = torch.autograd.grad((B * v / v.sum() * ell).mean(), list(phi.values()), create_graph=True)
+    p_hat = {n: phi[n] - alpha[n] * gn for n, gn in zip(phi, g, strict=True)}
+    expected = torch.autograd.grad(F.cross_entropy(tiny_forward(p_hat, xm), ym), list(vnet_params.values()))
+    meta.step(*data)
+    torch.testing.assert_close(
+        flat_grad(meta.vnet), torch.cat([e.flatten() for e in expected]), rtol=1e-10, atol=1e-14
+    )
