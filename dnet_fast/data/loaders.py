@@ -1,0 +1,271 @@
+"""Training and eval loaders ``resident`` (pixels held on the device, batched augmentation) and ``naive`` (DataLoader)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dnet_fast import sampling
+from dnet_fast.data.base import LOADERS, DataBundle, FileSplit, LoaderSpec, TensorSplit
+from dnet_fast.data.transforms import (
+    batch_generator,
+    draw_params,
+    eval_transform,
+    normalize,
+    pil_decode_resident,
+    pil_eval,
+    pil_train,
+    train_transform,
+)
+
+__all__ = [
+    "ImageDataset",
+    "NaiveLoader",
+    "ResidentLoader",
+    "default_loader",
+    "epoch_indices",
+    "eval_batches",
+    "make_loader",
+    "open_image",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_indices(labels: np.ndarray, spec: LoaderSpec, epoch: int) -> np.ndarray:
+    """This rank's sample order for ``epoch`` (training) or file order (eval), int64."""
+    if not spec.train:
+        return np.arange(len(labels), dtype=np.int64)
+    return sampling.epoch_order(
+        labels,
+        spec.order,
+        seed=spec.seed,
+        epoch=epoch,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        num_epochs=spec.num_epochs,
+    )
+
+
+def _num_batches(num_samples: int, spec: LoaderSpec) -> int:
+    if not spec.train:
+        return -(-num_samples // spec.batch_size)  # every sample once, last batch partial
+    per_rank = -(-num_samples // spec.world_size)  # epoch_order gives every rank ceil(N / world_size)
+    return per_rank // spec.batch_size  # drop the last partial batch: static shapes
+
+
+def open_image(split: TensorSplit | FileSplit, i: int) -> Image.Image:
+    """Sample ``i`` of a split as an RGB PIL image."""
+    if isinstance(split, TensorSplit):
+        return Image.fromarray(split.images[i].numpy(), "RGB")
+    with Image.open(split.path(i)) as img:
+        return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resident: the decoded uint8 set lives on the device; every batch is one gather + batched augmentation.
+
+
+def _decode_files(split: FileSplit, spec: LoaderSpec) -> torch.Tensor:
+    """Decodes every file once to the R×R resident size (ImageNet family) or as is (CIFAR family)."""
+
+    def decode(i: int) -> np.ndarray:
+        img = open_image(split, i)
+        if spec.family == "imagenet":
+            img = pil_decode_resident(img, spec.crop_size)
+        return np.asarray(img, dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=max(spec.workers, 1)) as pool:
+        arrays = list(pool.map(decode, range(len(split))))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        msg = f"resident loader needs equally sized images, got {sorted(shapes)[:4]}; use the imagenet family"
+        raise ValueError(msg)
+    return torch.from_numpy(np.stack(arrays))  # (N, H, W, 3)
+
+
+class ResidentLoader:
+    """Holds the split as a uint8 (N, H, W, 3) tensor on ``spec.device`` and augments whole batches there.
+
+    Args:
+        split: a TensorSplit (used as is) or a FileSplit (decoded once at construction).
+        spec: batch size, device, seed, augmentation and order.
+    """
+
+    def __init__(self, split: TensorSplit | FileSplit, spec: LoaderSpec) -> None:
+        if not isinstance(split, TensorSplit | FileSplit):
+            msg = f"resident loader takes a TensorSplit or FileSplit, got {type(split).__name__}"
+            raise TypeError(msg)
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        pixels = split.images if isinstance(split, TensorSplit) else _decode_files(split, spec)
+        self.images = pixels.to(self.device)  # (N, H, W, 3) uint8
+        self.labels_np = split.labels
+        self.labels = torch.from_numpy(split.labels).to(self.device)  # (N,) int64
+
+    def __len__(self) -> int:
+        return _num_batches(len(self.labels_np), self.spec)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
+        spec = self.spec
+        order = torch.from_numpy(epoch_indices(self.labels_np, spec, epoch)).to(self.device)
+        for b in range(start, len(self)):
+            idx = order[b * spec.batch_size : (b + 1) * spec.batch_size]  # (B,)
+            yield self._transform(self.images[idx], epoch, b), self.labels[idx]
+
+    def _transform(self, pixels: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
+        spec = self.spec
+        if not spec.train or spec.augment == "none":
+            return eval_transform(pixels, spec.eval_augment, spec.crop_size, spec.mean, spec.std)
+        params = draw_params(
+            spec.augment, batch_generator(spec.seed, epoch, b, stream=spec.rank), len(pixels)
+        )
+        return train_transform(pixels, spec.augment, params, spec.crop_size, spec.mean, spec.std)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# naive: torch DataLoader over a map-style dataset, per-image PIL decode and transforms in the workers.
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset whose keys are ``(index, epoch, batch, row)``; returns (uint8 (h, w, 3), label).
+
+    The batch and row select the image's random numbers from the batch's ``draw_params``, so an image gets exactly
+    the augmentation the resident loader would give it.
+    """
+
+    def __init__(self, split: TensorSplit | FileSplit, spec: LoaderSpec) -> None:
+        self.split, self.spec = split, spec
+        self._cached: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch, b, row = key
+        spec, img = self.spec, open_image(self.split, i)
+        if not spec.train or spec.augment == "none":
+            pixels = pil_eval(img, spec.eval_augment, spec.crop_size)
+        else:
+            pixels = pil_train(img, spec.augment, self._params(epoch, b), row, spec.crop_size)
+        return pixels, int(self.split.labels[i])
+
+    def _params(self, epoch: int, b: int) -> dict[str, torch.Tensor]:
+        # Consecutive keys share a batch: draw its parameters once per batch per worker.
+        if self._cached is None or self._cached[0] != (epoch, b):
+            gen = batch_generator(self.spec.seed, epoch, b, stream=self.spec.rank)
+            self._cached = ((epoch, b), draw_params(self.spec.augment, gen, self.spec.batch_size))
+        return self._cached[1]
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.stack([p for p, _ in items])  # (B, h, w, 3) uint8
+    return pixels, torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+class NaiveLoader:
+    """A torch ``DataLoader`` with ``spec.workers`` processes; order from ``sampling.epoch_order``.
+
+    Args:
+        split: a TensorSplit or FileSplit.
+        spec: batch size, device, seed, workers, augmentation and order.
+    """
+
+    def __init__(self, split: TensorSplit | FileSplit, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.dataset = ImageDataset(split, spec)
+        self.labels_np = split.labels
+
+    def __len__(self) -> int:
+        return _num_batches(len(self.labels_np), self.spec)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
+        spec, bs = self.spec, self.spec.batch_size
+        order = epoch_indices(self.labels_np, spec, epoch).tolist()
+        keys = [
+            [(i, epoch, b, r) for r, i in enumerate(order[b * bs : (b + 1) * bs])]
+            for b in range(start, len(self))
+        ]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=keys,
+            num_workers=spec.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        for pixels, labels in loader:
+            x = normalize(pixels.to(self.device, non_blocking=True), spec.mean, spec.std)  # (B, 3, h, w)
+            yield x, labels.to(self.device, non_blocking=True)
+
+
+@LOADERS.register("resident")
+def build_resident(split: TensorSplit | FileSplit, spec: LoaderSpec) -> ResidentLoader:
+    """The resident loader (default for in-memory splits)."""
+    return ResidentLoader(split, spec)
+
+
+@LOADERS.register("naive")
+def build_naive(split: TensorSplit | FileSplit, spec: LoaderSpec) -> NaiveLoader:
+    """The naive DataLoader-based loader (the baseline and the fallback for file splits)."""
+    return NaiveLoader(split, spec)
+
+
+def default_loader(bundle: DataBundle) -> str:
+    """The loader name ``auto`` resolves to for ``bundle``.
+
+    ``bundle.info["default_loader"]`` when the dataset names one, else ``resident`` for in-memory splits and
+    ``naive`` for file splits.
+    """
+    named = bundle.info.get("default_loader")
+    if named:
+        return str(named)
+    return "resident" if isinstance(bundle.train, TensorSplit) else "naive"
+
+
+def make_loader(name: str, split: Any, spec: LoaderSpec, bundle: DataBundle | None = None) -> Any:
+    """Builds loader ``name`` (``auto``: :func:`default_loader` of ``bundle``) for ``split``."""
+    if name == "auto":
+        if bundle is None:
+            msg = "loader 'auto' needs the bundle to choose"
+            raise ValueError(msg)
+        name = default_loader(bundle)
+    return LOADERS.get(name)(split, spec)
+
+
+def eval_batches(
+    split: TensorSplit | FileSplit,
+    bundle: DataBundle,
+    batch_size: int,
+    device: str | torch.device,
+    crop_size: int = 224,
+    workers: int = 0,
+) -> Iterator[Batch]:
+    """Every sample of ``split`` once, in order, with the bundle's deterministic eval transform (last batch partial).
+
+    In-memory splits are moved to the device one batch at a time; file splits are decoded by the naive loader.
+    """
+    spec = LoaderSpec.for_bundle(
+        bundle, batch_size, device=device, train=False, augment="none", crop_size=crop_size, workers=workers
+    )
+    if isinstance(split, TensorSplit):
+        yield from _tensor_eval(split, spec)
+    else:
+        yield from NaiveLoader(split, spec).batches(0)
+
+
+def _tensor_eval(split: TensorSplit, spec: LoaderSpec) -> Iterator[Batch]:
+    device = torch.device(spec.device)
+    labels = torch.from_numpy(split.labels)
+    for start in range(0, len(split), spec.batch_size):
+        pixels = split.images[start : start + spec.batch_size].to(device)
+        x = eval_transform(pixels, spec.eval_augment, spec.crop_size, spec.mean, spec.std)
+        yield x, labels[start : start + spec.batch_size].to(device)
