@@ -180,7 +180,7 @@ def _require(ok: bool, key: str, why: str) -> None:
 
 def _choice(value: str, key: str, valid: typing.Iterable[str]) -> None:
     valid = list(valid)
-    _require(value in valid, key, f"'{value}' is not one of: {', '.join(valid)}")
+    _require(value in valid, key, f"unknown value '{value}'; valid: {', '.join(valid)}")
 
 
 def _check_data(c: TrainConfig) -> None:

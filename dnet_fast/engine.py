@@ -1,0 +1,335 @@
+"""The training loop: per-epoch A_C measurement, meta steps, evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dnet_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dnet_fast.config import TrainConfig, config_from_dict, config_to_dict
+from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, eval_batches, group_accuracies, make_loader
+from dnet_fast.losses import build_loss
+from dnet_fast.meta import build_meta_mode
+from dnet_fast.metrics import DeviceClassCounter
+from dnet_fast.models import build_model, param_groups
+from dnet_fast.runlog import RunLog, progress
+from dnet_fast.schedule import apply_lr, lr_factor
+
+__all__ = ["EvalResult", "Session", "build_session", "evaluate", "evaluate_checkpoint", "fit", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of a model on one split: overall top-1, shot groups and per-class values (fractions)."""
+
+    top1: float
+    many: float
+    medium: float
+    few: float
+    per_class: tuple[float, ...]
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Scalars keyed ``{prefix}top1`` etc. (per-class values left out)."""
+        return {f"{prefix}{k}": getattr(self, k) for k in ("top1", "many", "medium", "few")}
+
+
+@dataclass
+class Session:
+    """Everything one training run holds; built by :func:`build_session` from a validated config."""
+
+    cfg: TrainConfig
+    device: torch.device
+    bundle: DataBundle
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    criterion: nn.Module
+    meta: Any  # a dnet_fast.meta MetaMode
+    loader: Any  # a dnet_fast.data Loader
+    metaset: MetaSet | None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        msg = "run.device=cuda but CUDA is not available (torch.cuda.is_available() is False)"
+        raise ValueError(msg)
+    return torch.device(name)
+
+
+def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
+    overrides = {} if cfg.data.augment == "auto" else {"augment": cfg.data.augment}
+    return LoaderSpec.for_bundle(
+        bundle, cfg.optim.batch_size if train else cfg.run.eval_batch, device=device, seed=cfg.run.seed,
+        workers=cfg.data.workers, crop_size=cfg.data.crop_size, train=train, num_epochs=cfg.optim.epochs,
+        **overrides,
+    )
+
+
+def build_session(cfg: TrainConfig) -> Session:
+    """Builds data, model, optimiser, loss, meta mode and loaders for ``cfg`` (already validated)."""
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)  # model initialisation
+    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.run.seed)
+    model = build_model(cfg.model, bundle.num_classes).to(device)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.pretrained_lr_mult, cfg.optim.weight_decay)
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.SGD(
+        groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    criterion = build_loss(cfg.loss, bundle.class_counts, cfg.optim.epochs).to(device)
+    meta = build_meta_mode(cfg, model, criterion, optimizer, bundle.num_classes)
+    loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
+    metaset = None
+    if meta.needs_meta_batch:
+        metaset = MetaSet(
+            bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
+            crop_size=cfg.data.crop_size,
+        )
+    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, metaset)
+
+
+@torch.no_grad()
+def class_accuracy(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
+                   device: torch.device) -> torch.Tensor:
+    """Per-class accuracy (C,) of ``model`` on ``split`` in eval mode, counted on the device."""
+    was_training = model.training
+    model.eval()
+    counter = DeviceClassCounter(bundle.num_classes, device)
+    for x, y in eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size):
+        with _autocast(cfg, device):
+            logits = model(_memory_format(x, cfg))
+        counter.update(logits.float(), y)
+    model.train(was_training)
+    return counter.per_class_accuracy()
+
+
+def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
+             device: torch.device) -> EvalResult:
+    """Balanced top-1 and many/medium/few accuracies (groups from the training counts)."""
+    return evaluate_from_accuracy(class_accuracy(model, split, bundle, cfg, device), split, bundle)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if cfg.run.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _memory_format(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.model.channels_last else x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_state(s: Session, progress_state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": "dnet-fast/1",
+        "config": config_to_dict(s.cfg),
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "criterion": s.criterion.state_dict(),
+        "meta": s.meta.state_dict(),
+        "rng": _rng_state(),
+        **progress_state,
+    }
+
+
+def _restore(s: Session, state: dict[str, Any]) -> dict[str, Any]:
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.criterion.load_state_dict(state["criterion"])
+    s.meta.load_state_dict(state["meta"])
+    _set_rng_state(state["rng"])
+    return {k: state[k] for k in ("epoch", "global_step", "acc", "best_val", "best_epoch")}
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """A resumed run must use the checkpoint's config (only run.* and optim.epochs may differ)."""
+    mine = config_to_dict(cfg)
+    for section, values in saved.items():
+        for key, value in values.items():
+            if section == "run" or (section, key) == ("optim", "epochs"):
+                continue
+            if mine[section][key] != value:
+                msg = (f"cannot resume from {path}: {section}.{key} is {mine[section][key]!r} but the checkpoint "
+                       f"was trained with {value!r}")
+                raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _initial_accuracy(s: Session) -> torch.Tensor:
+    """A_C for epoch 0: zeros (CIFAR presets) or the initial model's val accuracy (ImageNet/Places)."""
+    if s.cfg.diffnet.init_acc == "zeros":
+        return torch.zeros(s.bundle.num_classes, device=s.device)
+    return class_accuracy(s.model, s.bundle.val, s.bundle, s.cfg, s.device)
+
+
+def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple[int, dict[str, Any]]:
+    """Runs one epoch of meta steps; returns the new global step and epoch statistics."""
+    cfg = s.cfg
+    s.model.train()
+    start, images = time.perf_counter(), 0
+    batches = progress(s.loader.batches(epoch), total=len(s.loader), desc=f"epoch {epoch}",
+                       images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
+    stats: dict[str, torch.Tensor] = {}
+    for x, y in batches:
+        if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
+            s.meta.set_class_accuracy(class_accuracy(s.model, s.bundle.val, s.bundle, cfg, s.device))
+        meta_batch = s.metaset.batch(global_step, cfg.meta.meta_batch) if s.metaset is not None else None
+        if meta_batch is not None:
+            meta_batch = (_memory_format(meta_batch[0], cfg), meta_batch[1])
+        with _autocast(cfg, s.device):
+            stats = s.meta.step(_memory_format(x, cfg), y, meta_batch)
+        global_step += 1
+        images += y.shape[0]
+        if global_step % cfg.run.log_every == 0:
+            log.log("train", global_step, {**stats, "lr": s.optimizer.param_groups[0]["lr"]})  # sync point
+    seconds = time.perf_counter() - start
+    return global_step, {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+                         **{f"last_{k}": v for k, v in stats.items()}}
+
+
+def _weight_stats(s: Session) -> dict[str, float]:
+    w = s.meta.class_weights()
+    if w is None:
+        return {}
+    w = w.detach().float().cpu()  # sync point
+    e = float(-(torch.log(w.clamp_min(1e-12))).mean())
+    return {"w_min": float(w.min()), "w_max": float(w.max()), "E": e}
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains per ``cfg``, checkpointing after every epoch, and evaluates the selected model on the test set.
+
+    Args:
+        cfg: validated configuration.
+        resume: continue from ``run.out_dir/last.pt`` (bit-exact on CPU).
+        stop_after: stop after this many epochs in this call (as if interrupted); the test set is not evaluated.
+
+    Returns:
+        The results written to ``results.json`` (empty test entries when stopped early).
+    """
+    s = build_session(cfg)
+    out = Path(cfg.run.out_dir)
+    log = RunLog(out, tensorboard=cfg.run.tensorboard)
+    log.write_config(cfg)
+    if s.metaset is not None:
+        log.write_json("meta_set.json", {"indices": [int(i) for i in getattr(s.metaset, "indices", [])]})
+    progress_state = {"epoch": 0, "global_step": 0, "acc": None, "best_val": -1.0, "best_epoch": -1}
+    if resume:
+        path = out / "last.pt"
+        state = load_checkpoint(path, map_location=s.device)
+        _check_resumable(cfg, state["config"], path)
+        progress_state = _restore(s, state)
+    acc = progress_state["acc"]
+    if acc is None:
+        acc = _initial_accuracy(s)
+    epochs_run = 0
+    for epoch in range(progress_state["epoch"], cfg.optim.epochs):
+        if stop_after is not None and epochs_run >= stop_after:
+            break
+        apply_lr(s.optimizer, lr_factor(epoch, cfg.optim))
+        s.meta.set_class_accuracy(acc.to(s.device))
+        s.criterion.start_epoch(epoch, acc.to(s.device))
+        weights = _weight_stats(s)
+        global_step, train_stats = _train_epoch(s, epoch, progress_state["global_step"], log)
+        # The val accuracy at the end of epoch e is A_C for epoch e + 1 (the model does not change in between).
+        acc = class_accuracy(s.model, s.bundle.val, s.bundle, cfg, s.device)
+        val = evaluate_from_accuracy(acc, s.bundle.val, s.bundle)
+        improved = val.top1 > progress_state["best_val"]
+        progress_state = {
+            "epoch": epoch + 1, "global_step": global_step, "acc": acc,
+            "best_val": max(val.top1, progress_state["best_val"]),
+            "best_epoch": epoch if improved else progress_state["best_epoch"],
+        }
+        log.log("epoch", epoch, {**train_stats, **val.as_dict("val_"), **weights,
+                                 "lr": s.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)})
+        state = _checkpoint_state(s, progress_state)
+        save_checkpoint(out / "last.pt", state)
+        if cfg.run.select == "val" and improved:
+            save_checkpoint(out / "best.pt", state)
+        epochs_run += 1
+    results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
+    log.write_json("results.json", results)
+    log.close()
+    return results
+
+
+def evaluate_from_accuracy(acc: torch.Tensor, split: Any, bundle: DataBundle) -> EvalResult:
+    """EvalResult from a per-class accuracy vector already measured on ``split``."""
+    per_class = acc.detach().float().cpu().numpy()  # sync point
+    counts = np.bincount(split.labels, minlength=bundle.num_classes)
+    present = counts > 0
+    groups = group_accuracies(per_class[present], bundle.class_counts[present])
+    top1 = float((per_class * counts).sum() / counts.sum())
+    return EvalResult(top1, groups["many"], groups["medium"], groups["few"], tuple(float(a) for a in per_class))
+
+
+def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, finished: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "config": config_to_dict(s.cfg),
+        "epochs_done": progress_state["epoch"],
+        "best_val": progress_state["best_val"],
+        "best_epoch": progress_state["best_epoch"],
+        "class_counts": [int(c) for c in s.bundle.class_counts],
+    }
+    if not finished:
+        return results
+    if s.cfg.run.select == "val" and (out / "best.pt").exists():
+        s.model.load_state_dict(load_checkpoint(out / "best.pt", map_location=s.device)["model"])
+        results["selected"] = f"best val (epoch {progress_state['best_epoch']})"
+    else:
+        results["selected"] = "last epoch"
+    test = evaluate(s.model, s.bundle.test, s.bundle, s.cfg, s.device)
+    results["test"] = {**test.as_dict(), "per_class": list(test.per_class)}
+    return results
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
+    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(state["config"], source=str(path))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
+    dev = resolve_device(device)
+    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.run.seed)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        msg = f"checkpoint {path} does not match its own config's model: {err}"
+        raise CheckpointError(msg) from err
+    result = evaluate(model, getattr(bundle, split), bundle, cfg, dev)
+    return {"checkpoint": str(path), "split": split, "epoch": state.get("epoch"), **result.as_dict(),
+            "per_class": list(result.per_class)}

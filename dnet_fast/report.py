@@ -1,0 +1,75 @@
+"""Result tables: one run's summary, a checkpoint evaluation, and mean ± std over seeds across run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["format_eval", "format_results", "run_label", "runs_table"]
+
+_METRICS = ("top1", "many", "medium", "few")
+
+
+def _pct(value: float | None) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:5.2f}"
+
+
+def format_results(results: dict[str, Any], out_dir: str) -> str:
+    """The table printed at the end of ``dnet-fast train``."""
+    test = results.get("test")
+    if test is None:
+        return f"stopped after {results['epochs_done']} epochs; checkpoint in {out_dir}/last.pt"
+    head = "| split | top-1 | many | medium | few |\n|---|---|---|---|---|"
+    row = "| test | " + " | ".join(_pct(test[k]) for k in _METRICS) + " |"
+    return f"{head}\n{row}\nmodel: {results['selected']}; run directory: {out_dir}"
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """The table printed by ``dnet-fast eval``."""
+    head = "| split | top-1 | many | medium | few |\n|---|---|---|---|---|"
+    row = f"| {result['split']} | " + " | ".join(_pct(result[k]) for k in _METRICS) + " |"
+    return f"{head}\n{row}\ncheckpoint: {result['checkpoint']} (epochs done: {result['epoch']})"
+
+
+def run_label(results: dict[str, Any]) -> str:
+    """A method name from a run's config, e.g. ``exact + ce`` or ``off + balanced_softmax``."""
+    cfg = results["config"]
+    mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
+    method = {"exact": "Difficulty-Net (exact)", "driver": "Difficulty-Net (driver)", "mwn": "MWN",
+              "off": ""}[mode]
+    loss_name = {"ce": "CE"}.get(loss, loss)
+    return f"{method} + {loss_name}" if method else loss_name
+
+
+def _seedless(path: Path) -> str:
+    return re.sub(r"[-_]?(seed|s)\d+$", "", path.name)
+
+
+def runs_table(run_dirs: list[str]) -> str:
+    """Markdown table of finished runs, grouped by method, with mean ± std over the runs in each group."""
+    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for run in run_dirs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            msg = f"{path}: no results.json (has the run finished?)"
+            raise FileNotFoundError(msg)
+        results = json.loads(path.read_text())
+        if "test" not in results:
+            msg = f"{path}: the run stopped before the end; no test result"
+            raise ValueError(msg)
+        groups[f"{run_label(results)} [{_seedless(Path(run))}]"].append(results["test"])
+    lines = ["| method | runs | top-1 | many | medium | few |", "|---|---|---|---|---|---|"]
+    for label, tests in groups.items():
+        cells = []
+        for key in _METRICS:
+            values = np.array([np.nan if t[key] is None else t[key] for t in tests], dtype=float) * 100
+            std = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+            cells.append(f"{np.mean(values):.2f}{std}")
+        lines.append(f"| {label} | {len(tests)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

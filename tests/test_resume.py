@@ -1,0 +1,52 @@
+"""Resume is exact: 2 epochs straight equal 1 epoch + --resume 1 epoch, bit for bit on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dnet_fast.checkpoint import load_checkpoint
+from dnet_fast.config import load_config
+from dnet_fast.engine import fit
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
+
+
+@pytest.mark.parametrize("mode", ["exact", "driver"])
+def test_resume_is_bit_exact(tiny_overrides, tmp_path, mode):
+    straight = load_config(None, [*tiny_overrides, f"meta.mode={mode}", f"run.out_dir={tmp_path / 'a'}"])
+    split = load_config(None, [*tiny_overrides, f"meta.mode={mode}", f"run.out_dir={tmp_path / 'b'}"])
+    full = fit(straight)
+    partial = fit(split, stop_after=1)
+    assert "test" not in partial
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    resumed = fit(split, resume=True)
+
+    a = dict(_flatten({k: v for k, v in load_checkpoint(tmp_path / "a" / "last.pt").items() if k != "config"}))
+    b = dict(_flatten({k: v for k, v in load_checkpoint(tmp_path / "b" / "last.pt").items() if k != "config"}))
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+    assert full["test"] == resumed["test"]
+
+
+def test_resume_refuses_a_different_config(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, "meta.mode=driver"])
+    fit(cfg, stop_after=1)
+    other = load_config(None, [*tiny_overrides, "meta.mode=driver", "optim.lr=0.5"])
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        fit(other, resume=True)
