@@ -141,7 +141,8 @@ def virtual_step(
     Args:
         params: φ by name.
         grads: g by name (None where the loss does not depend on the parameter).
-        lrs: α by name, the current lr of the parameter's optimizer group (float or 0-d tensor).
+        lrs: α by name, the current lr of the parameter's optimizer group (float or 0-d tensor; a device
+            tensor, as `dnet_fast.step` installs, is read on the device, so schedules need no re-capture).
     """
     return {n: p if grads[n] is None else p - lrs[n] * grads[n] for n, p in params.items()}
 
@@ -155,11 +156,28 @@ def meta_loss(
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), ym)
 
 
-def real_step(optimizer: torch.optim.Optimizer, loss: Tensor, *, set_to_none: bool = True) -> None:
-    """Eq. 11: zero the grads, backward ``loss`` into φ, one step of the main optimiser."""
+def real_step(
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    *,
+    set_to_none: bool = True,
+    update: Callable[[], object] | None = None,
+) -> None:
+    """Eq. 11: zero the grads, backward ``loss`` into φ, one step of the main optimiser.
+
+    Args:
+        optimizer: the main optimiser (its ``zero_grad`` always runs).
+        loss: the scalar to differentiate.
+        set_to_none: passed to ``zero_grad``.
+        update: replaces ``optimizer.step()`` (the CUDA-graph step installs an in-place tensor-lr SGD,
+            ``dnet_fast.step.sgd_step_``); None calls ``optimizer.step()``.
+    """
     optimizer.zero_grad(set_to_none=set_to_none)
     loss.backward()
-    optimizer.step()
+    if update is None:
+        optimizer.step()
+    else:
+        update()
 
 
 def aux_step(
@@ -332,8 +350,12 @@ class MetaMode:
         needs_meta_batch: whether ``step`` needs a balanced meta batch.
         diffnet: Difficulty-Net (driver, exact) or None.
         acc: (C,) static buffer with the per-class accuracy A, refreshed in place.
-        set_to_none: passed to ``zero_grad``; set it to False before capturing the step in a CUDA graph, whose
-            gradient tensors must keep their addresses.
+        set_to_none: passed to ``zero_grad``. Inside a captured CUDA graph either value is correct: with True,
+            backward allocates the gradients from the graph's pool at capture and every replay overwrites them.
+        update: replaces ``optimizer.step()`` in the real step (None: ``optimizer.step()``); `dnet_fast.step`
+            installs an in-place SGD that reads tensor learning rates without a host sync.
+        train_forward: the real forward (None: ``model``); `dnet_fast.step` may install a compiled backbone.
+        on_train_logits: called as ``fn(logits.detach(), y)`` after the real forward, e.g. device class counters.
     """
 
     needs_meta_batch: bool = False
@@ -351,6 +373,9 @@ class MetaMode:
         self.num_classes = num_classes
         self.diffnet: nn.Module | None = None
         self.set_to_none = True
+        self.update: Callable[[], object] | None = None
+        self.train_forward: Callable[[Tensor], Tensor] | None = None
+        self.on_train_logits: Callable[[Tensor, Tensor], object] | None = None
         first = next(model.parameters())
         self.device = first.device
         self.dtype = torch.promote_types(torch.float32, first.dtype)  # auxiliary nets: at least fp32
@@ -410,7 +435,10 @@ class MetaMode:
 
     def _train_losses(self, x: Tensor, y: Tensor) -> Tensor:
         """The real train forward with the real buffers (BN running statistics update once): ℓ (B,) with graph."""
-        return self.criterion(self.model(x), y)
+        logits = (self.model if self.train_forward is None else self.train_forward)(x)  # (B, C)
+        if self.on_train_logits is not None:
+            self.on_train_logits(logits.detach(), y)
+        return self.criterion(logits, y)
 
     def _inner(self, x: Tensor, y: Tensor) -> Inner:
         groups = self.optimizer.param_groups
@@ -425,7 +453,7 @@ class OffMode(MetaMode):
     def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         losses = self._train_losses(x, y)  # (B,)
         loss = weighted_mean(losses, torch.ones_like(losses), loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none)
+        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
         return {"loss": loss.detach()}
 
 
@@ -491,7 +519,7 @@ class DriverMode(MetaMode):
         with torch.no_grad():
             w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
         loss = weighted_mean(losses, w[y], loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none)
+        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
         return {"loss": loss.detach(), **weight_stats(w, d)}
 
 
@@ -616,7 +644,7 @@ class MWNMode(MetaMode):
         with torch.no_grad():
             w = self.sample_weights(losses)  # (B,) of the updated V
         loss = weighted_mean(losses, w, loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none)
+        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
         return {
             "loss": loss.detach(),
             "meta_loss": mg.meta_loss,
