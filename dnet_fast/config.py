@@ -38,6 +38,7 @@ class DataConfig:
 
     dataset: str = "synthetic"  # dataset registry name: synthetic | cifar10_lt | cifar100_lt | splits | shards
     root: str = ""  # dataset root: CIFAR python folder, image root, or shard folder
+    seed: int = 0  # seed of the data itself (generated images, LT subsets, meta draws); run.seed varies training
     imbalance: float = 100.0  # ρ = n_max / n_min of the exponential profile (synthetic, CIFAR-LT)
     num_classes: int = 10  # number of classes (synthetic only; others read it from the data)
     max_count: int = 200  # images of the head class (synthetic only)
@@ -342,6 +343,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if hint is float:
             return float(value)
         if hint is str:
+            if isinstance(value, bool):
+                # YAML 1.1 reads a bare off/on as a boolean; every string option spells them as words.
+                return "on" if value else "off"
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         msg = f"invalid config value {key}: cannot read {value!r} as {hint.__name__}"

@@ -22,6 +22,7 @@ from dnet_fast.metrics import DeviceClassCounter
 from dnet_fast.models import build_model, param_groups
 from dnet_fast.runlog import RunLog, progress
 from dnet_fast.schedule import apply_lr, lr_factor
+from dnet_fast.step import TrainStep, build_train_step, resolve_graph
 
 __all__ = ["EvalResult", "Session", "build_session", "evaluate", "evaluate_checkpoint", "fit", "resolve_device"]
 
@@ -54,6 +55,7 @@ class Session:
     meta: Any  # a dnet_fast.meta MetaMode
     loader: Any  # a dnet_fast.data Loader
     metaset: MetaSet | None
+    step: TrainStep  # static-buffer step: CUDA-graphed on GPU, eager otherwise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,7 +83,7 @@ def build_session(cfg: TrainConfig) -> Session:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)  # model initialisation
-    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.run.seed)
+    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     model = build_model(cfg.model, bundle.num_classes).to(device)
     groups = param_groups(model, cfg.optim.lr, cfg.optim.pretrained_lr_mult, cfg.optim.weight_decay)
     for group in groups:
@@ -99,7 +101,11 @@ def build_session(cfg: TrainConfig) -> Session:
             bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
             crop_size=cfg.data.crop_size,
         )
-    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, metaset)
+    step = build_train_step(
+        meta, model, optimizer, bundle.num_classes, graph=resolve_graph(cfg.run.graph, device),
+        precision=cfg.run.precision, channels_last=cfg.model.channels_last, compile_backbone=cfg.run.compile,
+    )
+    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, metaset, step)
 
 
 @torch.no_grad()
@@ -204,20 +210,20 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple
     batches = progress(s.loader.batches(epoch), total=len(s.loader), desc=f"epoch {epoch}",
                        images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
     stats: dict[str, torch.Tensor] = {}
+    s.step.counter.reset()
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
             s.meta.set_class_accuracy(class_accuracy(s.model, s.bundle.val, s.bundle, cfg, s.device))
         meta_batch = s.metaset.batch(global_step, cfg.meta.meta_batch) if s.metaset is not None else None
-        if meta_batch is not None:
-            meta_batch = (_memory_format(meta_batch[0], cfg), meta_batch[1])
-        with _autocast(cfg, s.device):
-            stats = s.meta.step(_memory_format(x, cfg), y, meta_batch)
+        stats = s.step.step(x, y, meta_batch)
         global_step += 1
         images += y.shape[0]
         if global_step % cfg.run.log_every == 0:
             log.log("train", global_step, {**stats, "lr": s.optimizer.param_groups[0]["lr"]})  # sync point
     seconds = time.perf_counter() - start
+    correct, total = s.step.counter.correct.sum(), s.step.counter.total.sum()
     return global_step, {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+                         "train_top1": correct / total.clamp_min(1),
                          **{f"last_{k}": v for k, v in stats.items()}}
 
 
@@ -253,6 +259,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         state = load_checkpoint(path, map_location=s.device)
         _check_resumable(cfg, state["config"], path)
         progress_state = _restore(s, state)
+        s.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
     acc = progress_state["acc"]
     if acc is None:
         acc = _initial_accuracy(s)
@@ -323,7 +330,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = 
     cfg = config_from_dict(state["config"], source=str(path))
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
     dev = resolve_device(device)
-    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.run.seed)
+    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)
     try:
         model.load_state_dict(state["model"])
