@@ -1,0 +1,67 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+PY ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+# The constraints file pins torch to the CPU build on the development box and keeps pip from pulling CUDA wheels.
+PIPI := $(PIP) install -q --disable-pip-version-check -c constraints.txt
+SEEDS ?= 0 1 2
+DEMO_OUT ?= runs/demo
+
+CORE_DEPS := torch numpy pyyaml tqdm tensorboard pillow scikit-build-core pybind11 ninja
+TEST_DEPS := pytest hypothesis webdataset matplotlib ruff
+# Optional loaders (extras ffcv, dali); ffcv builds from source against OpenCV and libjpeg-turbo (apt packages).
+EXTRA_DEPS := nvidia-dali-cuda130 numba
+APT_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
+
+.PHONY: demo test lint bench clean
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.core: constraints.txt | $(PYTHON)
+	$(PIPI) $(CORE_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.core CMakeLists.txt pyproject.toml $(wildcard csrc/*)
+	$(PIPI) --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV)/.apt:
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_DEPS) >/dev/null; \
+	  else echo "note: $(APT_DEPS) missing and not root: the ffcv extra will not build; its tests skip"; fi; \
+	fi
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core $(VENV)/.apt constraints.txt
+	$(PIPI) $(TEST_DEPS) $(EXTRA_DEPS)
+	$(PIPI) --no-build-isolation ffcv opencv-python-headless || echo "note: ffcv did not install; its tests skip"
+	touch $@
+
+# Train CE and Difficulty-Net (exact) on the embedded long-tailed dataset and print the comparison table.
+demo: $(VENV)/.built
+	@mkdir -p $(DEMO_OUT)
+	@for seed in $(SEEDS); do for method in ce exact; do \
+	  mode=$$([ $$method = ce ] && echo off || echo exact); \
+	  echo "== $$method, seed $$seed"; \
+	  $(VENV)/bin/dnet-fast train demo meta.mode=$$mode run.seed=$$seed run.out_dir=$(DEMO_OUT)/$$method-seed$$seed \
+	    run.progress=false > $(DEMO_OUT)/$$method-seed$$seed.log 2>&1 || { cat $(DEMO_OUT)/$$method-seed$$seed.log; exit 1; }; \
+	  tail -n 4 $(DEMO_OUT)/$$method-seed$$seed.log; \
+	done; done
+	@echo; echo "Embedded long-tailed dataset, balanced test set (%), mean ± std over seeds $(SEEDS):"
+	@$(VENV)/bin/dnet-fast report $(foreach s,$(SEEDS),$(DEMO_OUT)/ce-seed$(s)) $(foreach s,$(SEEDS),$(DEMO_OUT)/exact-seed$(s))
+
+test: $(VENV)/.test $(VENV)/.built
+	$(PYTHON) -m pytest -q
+	bash tools/sanitize_tests.sh
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check dnet_fast tests benchmarks tools
+
+bench: $(VENV)/.built
+	$(PYTHON) -m benchmarks --cpu
+
+clean:
+	rm -rf build $(VENV) runs .pytest_cache
