@@ -1,0 +1,538 @@
+"""The conversion driver: validate inputs, encode in parallel, write shards/betons/meta.json, resume safely."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dnet_fast.convert.atomic import (
+    atomic_path,
+    atomic_write_json,
+    file_record,
+    remove_tmp_files,
+)
+from dnet_fast.convert.encode import encode_task, init_worker
+from dnet_fast.convert.images import BadImage, ImageOptions, Prepared
+from dnet_fast.convert.journal import JOURNAL_NAME, REPORT_NAME, Journal, file_ok
+from dnet_fast.convert.sources import Source
+from dnet_fast.convert.splitfile import Problem, split_stats
+from dnet_fast.convert.wds import ShardWriter, sample_key
+from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD
+from dnet_fast.data.groups import shot_groups
+
+__all__ = [
+    "CONVERTER_VERSION",
+    "META_NAME",
+    "ConversionError",
+    "ConvertOptions",
+    "ConvertResult",
+    "DatasetInput",
+    "convert",
+    "verify_output",
+]
+
+CONVERTER_VERSION = "1"
+META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
+
+_MAX_LISTED = 20
+
+
+class ConversionError(RuntimeError):
+    """Bad input (default mode) or an inconsistent output directory; the message names files and lines."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Output settings of one conversion.
+
+    Attributes:
+        image: how images are checked and stored.
+        formats: outputs to write: ``wds`` (tar shards + DALI index, always needed) and ``ffcv`` (.beton).
+        shard_size: samples per tar shard (also the resume granularity).
+        workers: image-encoding processes (0: in this process).
+        skip_bad: skip bad entries and list them in report.json instead of stopping.
+        progress: show a progress bar (images/s and ETA).
+        raw_fraction: share of samples stored raw in the FFCV ``proportion`` mode.
+        overwrite: replace an existing conversion made with different arguments.
+    """
+
+    image: ImageOptions = field(default_factory=ImageOptions)
+    formats: tuple[str, ...] = ("wds", "ffcv")
+    shard_size: int = 5000
+    workers: int = 0
+    skip_bad: bool = False
+    progress: bool = True
+    raw_fraction: float = 0.5
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.formats) - {"wds", "ffcv"}
+        if unknown or "wds" not in self.formats:
+            msg = f"formats must include 'wds' and may add 'ffcv', got {self.formats}"
+            raise ValueError(msg)
+        if self.shard_size < 1 or self.workers < 0:
+            msg = f"need shard_size >= 1 and workers >= 0, got {self.shard_size}, {self.workers}"
+            raise ValueError(msg)
+
+
+@dataclass
+class DatasetInput:
+    """Everything a conversion reads.
+
+    Attributes:
+        dataset: dataset name recorded in meta.json (``places_lt``, ``imagenet_lt``, ``cifar100_lt``, ...).
+        sources: split name -> source, labels already contiguous ``0..C-1``.
+        class_names: C names.
+        original_ids: C original class ids (``original_ids[c]`` is class ``c`` in the split files).
+        augment: transform family of the data (``imagenet`` or ``cifar``).
+        mean, std: per-channel normalisation of the data in [0, 1] pixel units.
+        problems: bad entries found while reading the split files (line-level).
+        provenance: recorded verbatim in meta.json (split files, hashes, arguments).
+    """
+
+    dataset: str
+    sources: dict[str, Source]
+    class_names: tuple[str, ...]
+    original_ids: tuple[int, ...]
+    augment: str = "imagenet"
+    problems: list[Problem] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    val_is_meta: bool = False  # the val split already is the meta set (CIFAR-LT); else draw per class from it
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` did: ``verified`` is True when an identical complete conversion was already there."""
+
+    out_dir: Path
+    meta: dict[str, Any]
+    verified: bool
+    skipped: list[Problem]
+    repaired: list[dict[str, str]]
+
+
+def convert(inp: DatasetInput, out_dir: str | Path, opts: ConvertOptions) -> ConvertResult:
+    """Converts ``inp`` into ``out_dir`` (tar shards + index, optional betons, samples.tsv, report, meta.json).
+
+    Every file is written under a temporary name and renamed when complete; completed units are journaled,
+    so a re-run after a crash resumes, and a re-run after success only verifies checksums.
+
+    Raises:
+        ConversionError: bad input without ``skip_bad`` (the message lists file:line of each), or ``out_dir``
+            holds a conversion made with other arguments (without ``overwrite``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_tmp_files(out)
+    fingerprint = _fingerprint(inp, opts)
+    done = _verified_meta(out, fingerprint, opts.overwrite)
+    if done is not None:
+        return ConvertResult(out, done, True, [], [])
+    (out / META_NAME).unlink(missing_ok=True)
+    journal = Journal(out, fingerprint, keep=(META_NAME,))
+    excluded = _precheck(inp, opts.skip_bad)
+    state = _RunState(skipped=[*inp.problems], repaired=[])
+    state.skipped.extend(p for s in excluded.values() for p in s.values())
+    with _worker_pool(opts) as pool:
+        for split, source in inp.sources.items():
+            _write_split_shards(pool, out, split, source, excluded[split], opts, journal, state)
+    if "ffcv" in opts.formats:
+        for split, source in inp.sources.items():
+            _write_split_beton(out, split, source, opts, journal)
+    meta = _finish(out, inp, opts, journal, state, fingerprint)
+    return ConvertResult(out, meta, False, state.skipped, state.repaired)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint, verification and journal.
+
+
+def _fingerprint(inp: DatasetInput, opts: ConvertOptions) -> str:
+    args = {k: v for k, v in asdict(opts).items() if k not in ("workers", "progress", "overwrite")}
+    body = {
+        "version": CONVERTER_VERSION,
+        "dataset": inp.dataset,
+        "args": args,
+        "sources": {s: src.fingerprint() for s, src in inp.sources.items()},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def verify_output(out_dir: str | Path) -> dict[str, Any]:
+    """Checks that ``out_dir`` holds a complete conversion: meta.json present and every file's checksum right.
+
+    Returns:
+        The parsed meta.json.
+
+    Raises:
+        ConversionError: meta.json missing (an unfinished or killed conversion) or a file missing/changed.
+    """
+    out = Path(out_dir)
+    path = out / META_NAME
+    if not path.is_file():
+        msg = f"{out}: no {META_NAME}; the conversion did not finish (run the converter again to resume it)"
+        raise ConversionError(msg)
+    meta = json.loads(path.read_text())
+    bad = [name for name, rec in meta["files"].items() if not file_ok(out / name, rec)]
+    if bad:
+        msg = f"{out}: files missing or changed since conversion: {', '.join(bad[:_MAX_LISTED])}"
+        raise ConversionError(msg)
+    return meta
+
+
+def _verified_meta(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    path = out / META_NAME
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("fingerprint") != fingerprint:
+        if not overwrite:
+            msg = (
+                f"{out} holds a conversion made with other inputs or arguments "
+                f"(see {path}); choose another output directory or pass --overwrite"
+            )
+            raise ConversionError(msg)
+        return None
+    try:
+        return verify_output(out)
+    except ConversionError:
+        # Some file changed after conversion: the journal in meta.json lets the run redo just what is needed.
+        atomic_write_json(out / JOURNAL_NAME, {"fingerprint": fingerprint, "units": meta["units"]})
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation before any image is written.
+
+
+def _precheck(inp: DatasetInput, skip_bad: bool) -> dict[str, dict[int, Problem]]:
+    """Missing and 0-byte files of every split, found with one stat per file; stops unless ``skip_bad``."""
+    excluded: dict[str, dict[int, Problem]] = {}
+    for split, source in inp.sources.items():
+        excluded[split] = {}
+        for i in range(len(source)):
+            stamp = source.stamp(i)
+            if stamp in ("missing", "empty"):
+                what = "file does not exist" if stamp == "missing" else "0-byte file"
+                excluded[split][i] = Problem(stamp, source.where(i), what)
+    problems = [*inp.problems, *(p for s in excluded.values() for p in s.values())]
+    if problems and not skip_bad:
+        raise ConversionError(_problem_message(problems))
+    return excluded
+
+
+def _problem_message(problems: list[Problem]) -> str:
+    lines = [str(p) for p in problems[:_MAX_LISTED]]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return (
+        f"{len(problems)} bad input entr{'y' if len(problems) == 1 else 'ies'} (fix them or pass --skip-bad "
+        "to skip and list them in report.json):\n  " + "\n  ".join(lines) + more
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tar shards: resume whole shards whose sources are unchanged, encode the rest in parallel.
+
+
+@dataclass
+class _RunState:
+    skipped: list[Problem]
+    repaired: list[dict[str, str]]
+
+
+def _shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def _write_split_shards(
+    pool: Any,
+    out: Path,
+    split: str,
+    source: Source,
+    excluded: dict[int, Problem],
+    opts: ConvertOptions,
+    journal: Journal,
+    state: _RunState,
+) -> None:
+    pos, k, kept = _reuse_shards(split, source, journal, state)
+    for stale in [
+        n for n in journal.units if n.startswith(f"{split}/shard/") and int(n.rsplit("/", 1)[1]) >= k
+    ]:
+        journal.drop(stale)
+    journal.drop(f"{split}/beton")
+    seq = _ShardSequence(out, split, source, journal, state, opts, k, kept, pos)
+    results = _Results(
+        pool, source, [i for i in range(pos, len(source)) if i not in excluded], opts, desc=split
+    )
+    try:
+        for i, res in results:
+            seq.add(i, res)
+        seq.finish()
+    except BaseException:
+        seq.abort()
+        raise
+    finally:
+        results.close()
+
+
+class _ShardSequence:
+    """Fills shards ``k, k+1, ...`` of a split in sample order and journals each one as it completes."""
+
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        source: Source,
+        journal: Journal,
+        state: _RunState,
+        opts: ConvertOptions,
+        k: int,
+        kept: int,
+        start: int,
+    ) -> None:
+        self.out, self.split, self.source, self.journal, self.state, self.opts = (
+            out,
+            split,
+            source,
+            journal,
+            state,
+            opts,
+        )
+        self.k, self.kept, self.start = k, kept, start
+        self.writer: ShardWriter | None = None
+        self.members: list[int] = []
+        self.skipped: list[Problem] = []
+        self.repaired: list[dict[str, str]] = []
+
+    def add(self, i: int, res: Prepared | BadImage) -> None:
+        where = self.source.where(i)
+        if isinstance(res, BadImage):
+            problem = Problem(res.kind, where, str(res))
+            if not self.opts.skip_bad:
+                raise ConversionError(_problem_message([problem]))
+            self.skipped.append(problem)
+            return
+        if res.notes:
+            self.repaired.append({"where": where, "notes": "; ".join(res.notes)})
+        if self.writer is None:
+            self.writer = ShardWriter(self.out / _shard_name(self.split, self.k))
+        self.writer.add(sample_key(self.kept), res.ext, res.data, int(self.source.labels[i]))
+        self.members.append(i)
+        self.kept += 1
+        if len(self.writer) == self.opts.shard_size:
+            self._close(stop=i + 1)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self._close(stop=len(self.source))
+        else:
+            # Trailing skipped entries belong to no shard; they are still reported.
+            self.state.skipped.extend(self.skipped)
+            self.state.repaired.extend(self.repaired)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def _close(self, stop: int) -> None:
+        assert self.writer is not None
+        self.writer.close()
+        self.journal.record(
+            f"{self.split}/shard/{self.k}",
+            [self.writer.tar_path.name, self.writer.idx_path.name],
+            start=self.start,
+            stop=stop,
+            digest=_stamp_digest(self.source, self.start, stop),
+            members=self.members,
+            skipped=[asdict(p) for p in self.skipped],
+            repaired=self.repaired,
+        )
+        self.state.skipped.extend(self.skipped)
+        self.state.repaired.extend(self.repaired)
+        self.writer, self.members, self.skipped, self.repaired = None, [], [], []
+        self.start, self.k = stop, self.k + 1
+
+
+def _reuse_shards(split: str, source: Source, journal: Journal, state: _RunState) -> tuple[int, int, int]:
+    pos = k = kept = 0
+    while True:
+        name = f"{split}/shard/{k}"
+        unit = journal.units.get(name)
+        if unit is None or unit["start"] != pos or unit["stop"] > len(source):
+            return pos, k, kept
+        if not journal.valid(name, digest=_stamp_digest(source, unit["start"], unit["stop"])):
+            return pos, k, kept
+        state.skipped.extend(Problem(**p) for p in unit["skipped"])
+        state.repaired.extend(unit["repaired"])
+        pos, k, kept = unit["stop"], k + 1, kept + len(unit["members"])
+
+
+def _stamp_digest(source: Source, start: int, stop: int) -> str:
+    h = hashlib.sha256()
+    for i in range(start, stop):
+        h.update(f"{source.origin(i)}|{int(source.labels[i])}|{source.stamp(i)}\n".encode())
+    return h.hexdigest()
+
+
+def _worker_pool(opts: ConvertOptions) -> Any:
+    """One pool per conversion (worker start-up is paid once); None means encode in this process."""
+    if opts.workers == 0:
+        init_worker(opts.image)
+        return contextlib.nullcontext(None)
+    # spawn: forking a process that runs torch or tqdm threads can deadlock; the workers only import
+    # dnet_fast.convert.encode (Pillow, NumPy).
+    return mp.get_context("spawn").Pool(opts.workers, initializer=init_worker, initargs=(opts.image,))
+
+
+class _Results:
+    """Ordered (index, Prepared | BadImage) results with a progress bar (images/s, ETA)."""
+
+    def __init__(self, pool: Any, source: Source, todo: list[int], opts: ConvertOptions, desc: str) -> None:
+        tasks = (source.task(i) for i in todo)
+        if pool is None:
+            self._it = map(encode_task, tasks)
+        else:
+            self._it = pool.imap(
+                encode_task, tasks, chunksize=max(1, min(64, len(todo) // (8 * opts.workers)))
+            )
+        self._bar = tqdm(
+            total=len(todo),
+            desc=desc,
+            unit="img",
+            disable=not opts.progress or not todo,
+            file=sys.stderr,
+            mininterval=0.5,
+            smoothing=0.1,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, Prepared | BadImage]]:
+        for item in self._it:
+            self._bar.update(1)
+            yield item
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Betons, samples.tsv, report and meta.json.
+
+
+def _split_shards(journal: Journal, split: str) -> list[str]:
+    names = sorted(
+        (n for n in journal.units if n.startswith(f"{split}/shard/")), key=lambda n: int(n.rsplit("/", 1)[1])
+    )
+    return [next(f for f in journal.units[n]["files"] if f.endswith(".tar")) for n in names]
+
+
+def _members(journal: Journal, split: str) -> list[int]:
+    names = sorted(
+        (n for n in journal.units if n.startswith(f"{split}/shard/")), key=lambda n: int(n.rsplit("/", 1)[1])
+    )
+    return [i for n in names for i in journal.units[n]["members"]]
+
+
+def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptions, journal: Journal) -> None:
+    from dnet_fast.convert.beton import ffcv_available, write_beton
+
+    tars = _split_shards(journal, split)
+    inputs = hashlib.sha256(
+        "".join(
+            journal.units[f"{split}/shard/{k}"]["files"][t]["sha256"] for k, t in enumerate(tars)
+        ).encode()
+    ).hexdigest()
+    name = f"{split}/beton"
+    if journal.valid(name, inputs=inputs):
+        return
+    if not ffcv_available():
+        msg = "ffcv is not installed: install it (see docs) or convert with formats=('wds',) (--formats wds)"
+        raise ConversionError(msg)
+    labels = source.labels[np.asarray(_members(journal, split), dtype=np.int64)]
+    beton = out / f"{split}.beton"
+    write_beton(
+        [out / t for t in tars],
+        labels,
+        beton,
+        opts.image,
+        workers=max(1, opts.workers),
+        raw_fraction=opts.raw_fraction,
+    )
+    journal.record(name, [beton.name], inputs=inputs)
+
+
+def _write_tsv(out: Path, split: str, source: Source, members: list[int]) -> str:
+    name = f"{split}.samples.tsv"
+    with atomic_path(out / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("key\tlabel\tsource\n")
+        for k, i in enumerate(members):
+            f.write(f"{sample_key(k)}\t{int(source.labels[i])}\t{source.origin(i)}\n")
+    return name
+
+
+def _finish(
+    out: Path, inp: DatasetInput, opts: ConvertOptions, journal: Journal, state: _RunState, fingerprint: str
+) -> dict[str, Any]:
+    splits, counts = {}, {}
+    extra_files = []
+    for split, source in inp.sources.items():
+        members = _members(journal, split)
+        labels = source.labels[np.asarray(members, dtype=np.int64)]
+        counts[split] = np.bincount(labels, minlength=len(inp.class_names)).tolist()
+        extra_files.append(_write_tsv(out, split, source, members))
+        splits[split] = {
+            "images": len(members),
+            "shards": _split_shards(journal, split),
+            "beton": f"{split}.beton" if "ffcv" in opts.formats else None,
+            "samples": f"{split}.samples.tsv",
+        }
+    report = {"skipped": [asdict(p) for p in state.skipped], "repaired": state.repaired}
+    atomic_write_json(out / REPORT_NAME, report)
+    extra_files.append(REPORT_NAME)
+    train_counts = np.asarray(counts["train"])
+    stats = split_stats(np.repeat(np.arange(len(train_counts)), train_counts), with_groups=True)
+    files = {f: rec for u in journal.units.values() for f, rec in u["files"].items()}
+    files.update({f: file_record(out / f) for f in extra_files})
+    meta = {
+        "format": "dnet-fast-shards",
+        "converter_version": CONVERTER_VERSION,
+        "dataset": inp.dataset,
+        "augment": inp.augment,
+        "mean": list(inp.mean),
+        "std": list(inp.std),
+        "val_is_meta": inp.val_is_meta,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fingerprint": fingerprint,
+        "args": json.loads(json.dumps(asdict(opts), default=str)),
+        "provenance": inp.provenance,
+        "num_classes": len(inp.class_names),
+        "classes": [
+            {"id": c, "name": n, "original_id": int(o)}
+            for c, (n, o) in enumerate(zip(inp.class_names, inp.original_ids, strict=True))
+        ],
+        "class_counts": counts,
+        "groups": stats.groups,
+        "class_groups": shot_groups(train_counts).tolist(),
+        "splits": splits,
+        "image": {**asdict(opts.image), "ext": opts.image.ext},
+        "skipped": len(state.skipped),
+        "repaired": len(state.repaired),
+        "report": REPORT_NAME,
+        "files": dict(sorted(files.items())),
+        "units": journal.units,
+    }
+    atomic_write_json(out / META_NAME, meta)
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    return meta

@@ -1,0 +1,159 @@
+"""WebDataset tar shards with DALI ``wds2idx`` index files: deterministic writer and random-access reader."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from dnet_fast.convert.atomic import TMP_SUFFIX, atomic_path, fsync_dir
+
+__all__ = ["INDEX_VERSION", "ShardReader", "ShardWriter", "read_index", "sample_key"]
+
+INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects (same as its wds2idx tool)
+_BLOCK = 512
+
+
+def sample_key(index: int) -> str:
+    """Tar member stem of sample ``index`` of a split (zero-padded so lexical order = sample order)."""
+    return f"{index:08d}"
+
+
+class ShardWriter:
+    """Writes one tar shard and its index under temporary names; ``close()`` renames both.
+
+    Members are ``<key>.<ext>`` (image bytes) and ``<key>.cls`` (ASCII class id, the WebDataset convention),
+    with fixed owner, mode and mtime so that equal inputs give byte-identical shards.
+
+    Args:
+        tar_path: final ``.tar`` path; the index goes to the same stem with ``.idx``.
+    """
+
+    def __init__(self, tar_path: str | Path) -> None:
+        self.tar_path = Path(tar_path)
+        self.idx_path = self.tar_path.with_suffix(".idx")
+        self._tmp = self.tar_path.with_name(self.tar_path.name + TMP_SUFFIX)
+        # Held open across add() calls; close() or abort() releases it.
+        self._file = open(self._tmp, "wb")  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._lines: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
+        """Appends one sample (image bytes with extension ``ext`` and its class id)."""
+        parts = [self._member(f"{key}.{ext}", data), self._member(f"{key}.cls", str(int(label)).encode())]
+        self._lines.append(" ".join(parts))
+
+    def _member(self, name: str, data: bytes) -> str:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+        start = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        # USTAR with a short name has exactly one 512-byte header block before the data.
+        padded = -(-len(data) // _BLOCK) * _BLOCK
+        if self._tar.offset != start + _BLOCK + padded:
+            msg = f"unexpected tar header size for member {name} in {self.tar_path}"
+            raise RuntimeError(msg)
+        return f"{name.rsplit('.', 1)[1]} {start + _BLOCK} {len(data)} {name}"
+
+    def close(self) -> None:
+        """Finishes the tar, writes the index, and renames both to their final names (index first)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        # Index first: an index without its tar is an orphan the next run deletes; a tar is never indexless.
+        with atomic_path(self.idx_path) as idx_tmp:
+            idx_tmp.write_text(f"{INDEX_VERSION} {len(self._lines)}\n" + "\n".join(self._lines) + "\n")
+        self._tmp.replace(self.tar_path)
+        fsync_dir(self.tar_path.parent)
+
+    def abort(self) -> None:
+        """Discards the temporary files (used when conversion stops)."""
+        self._tar.close()
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parses a ``wds2idx`` index: one ``{ext: (offset, size)}`` per sample, in tar order.
+
+    Raises:
+        ValueError: bad header or sample count (the message names the file and line).
+    """
+    idx_path = Path(idx_path)
+    lines = idx_path.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        msg = f"{idx_path}:1: expected '{INDEX_VERSION} <count>', got '{lines[0] if lines else ''}'"
+        raise ValueError(msg)
+    out = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        f = line.split()
+        if len(f) % 4:
+            msg = f"{idx_path}:{lineno}: expected groups of '<ext> <offset> <size> <name>'"
+            raise ValueError(msg)
+        out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    if len(out) != int(head[1]):
+        msg = f"{idx_path}: header says {head[1]} samples, found {len(out)}"
+        raise ValueError(msg)
+    return out
+
+
+class ShardReader:
+    """Random access to the samples of a split's shards through their index files (memory-mapped tars).
+
+    Args:
+        tars: the split's tar shards in order; each needs its ``.idx`` beside it.
+    """
+
+    def __init__(self, tars: list[Path]) -> None:
+        self.tars = [Path(t) for t in tars]
+        self._where: list[tuple[int, int, int, str]] = []  # (shard, offset, size, ext) per sample
+        self._labels: list[tuple[int, int, int]] = []
+        for s, tar in enumerate(self.tars):
+            for members in read_index(tar.with_suffix(".idx")):
+                ext = next(e for e in members if e != "cls")
+                self._where.append((s, *members[ext], ext))
+                self._labels.append((s, *members["cls"]))
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if shard not in self._maps:
+            with open(self.tars[shard], "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[shard]
+
+    def image_bytes(self, i: int) -> bytes:
+        """Encoded image bytes of sample ``i``."""
+        shard, off, size, _ = self._where[i]
+        return self._map(shard)[off : off + size]
+
+    def ext(self, i: int) -> str:
+        """Stored image extension of sample ``i`` (``jpg`` or ``png``)."""
+        return self._where[i][3]
+
+    def labels(self) -> np.ndarray:
+        """int64 (N,) class ids read from the ``.cls`` members."""
+        return np.array([int(self._map(s)[o : o + n]) for s, o, n in self._labels], dtype=np.int64)
+
+    def close(self) -> None:
+        """Unmaps the tars."""
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def __getstate__(self) -> dict:
+        # mmaps cannot be pickled (worker processes); each process maps the tars again on first use.
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state

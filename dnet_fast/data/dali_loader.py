@@ -1,0 +1,200 @@
+"""The ``dali`` loader: DALI decodes the converted tar shards ("mixed" GPU decode with CUDA, CPU otherwise)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dnet_fast.data.base import LOADERS, LoaderSpec
+from dnet_fast.data.loaders import epoch_indices
+from dnet_fast.data.shards import ShardSplit
+from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size, normalize
+
+__all__ = ["DaliLoader", "build_dali", "read_webdataset_labels"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _mirror_normalize(images: Any, spec: LoaderSpec) -> Any:
+    """Training: flip, normalise and HWC→CHW in one fused DALI op (a separate torch pass costs as much as the
+    decode on a CPU); eval batches stay uint8 and use the shared torch ``normalize`` to match other loaders."""
+    from nvidia.dali import fn, types
+
+    mean = [255 * m for m in spec.mean]
+    std = [255 * s for s in spec.std]
+    return fn.crop_mirror_normalize(
+        images, mirror=fn.random.coin_flip(), mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW"
+    )
+
+
+def _images(enc: Any, spec: LoaderSpec, gpu: bool, stored_hw: tuple[int, int]) -> Any:
+    """The DALI graph from encoded bytes to float32 CHW (training) or uint8 HWC (eval) images."""
+    from nvidia.dali import fn, types
+
+    dev = "mixed" if gpu else "cpu"
+    # Pillow and FFCV ignore EXIF orientation; so must DALI for the loaders to agree (the converter strips it).
+    dec = {"device": dev, "output_type": types.RGB, "adjust_orientation": False}
+    crop = spec.crop_size
+    augment = spec.augment if spec.train else "none"
+    if augment == "imagenet":
+        images = fn.decoders.image_random_crop(
+            enc, random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO), num_attempts=10, **dec
+        )
+        return _mirror_normalize(fn.resize(images, size=[crop, crop]), spec)
+    images = fn.decoders.image(enc, **dec)
+    if augment == "cifar":
+        # Zero-pad by CIFAR_PAD and crop back: a window of the stored size at a random offset in [-pad, pad].
+        anchor = fn.random.uniform(range=[-CIFAR_PAD, CIFAR_PAD + 1], shape=[2], dtype=types.INT32)
+        images = fn.slice(
+            images, anchor, list(stored_hw), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0
+        )
+        return _mirror_normalize(images, spec)
+    if spec.eval_augment == "imagenet":
+        images = fn.resize(images, resize_shorter=eval_size(crop))
+        return fn.crop(images, crop=[crop, crop])
+    return images
+
+
+class DaliLoader:
+    """Batches decoded by DALI from ``split.tars``; images are fed by an external source in the engine's order.
+
+    DALI's webdataset reader only shuffles within a buffer (NVIDIA/DALI #5429), so the training order and the
+    class-balanced orders come from ``sampling`` and the samples are read from the tars through their index.
+
+    Args:
+        split: a ShardSplit of a converted directory.
+        spec: batch size, device (``cuda``: mixed GPU decoding), seed, workers (DALI threads), augmentation, order.
+    """
+
+    def __init__(self, split: ShardSplit, spec: LoaderSpec) -> None:
+        from nvidia.dali import Pipeline, fn, types
+
+        if not isinstance(split, ShardSplit):
+            msg = "the dali loader needs a split of a converted directory (data.dataset=shards)"
+            raise ValueError(msg)
+        self.split, self.spec = split, spec
+        self.device = torch.device(spec.device)
+        gpu = self.device.type == "cuda" and torch.cuda.is_available()
+        # device_id=None is DALI's CPU-only mode; any GPU operator would then fail (PERFORMANCE §7).
+        device_id = (self.device.index or 0) if gpu else None
+        self._order = np.zeros(0, np.int64)
+        self._running = False
+        self.pipe = Pipeline(
+            batch_size=spec.batch_size,
+            num_threads=max(1, spec.workers),
+            device_id=device_id,
+            seed=spec.seed & 0x7FFFFFFF,
+            prefetch_queue_depth=2,
+        )
+        with self.pipe:
+            enc, labels = fn.external_source(
+                source=self._source,
+                num_outputs=2,
+                batch=True,
+                batch_info=True,
+                dtype=[types.UINT8, types.INT64],
+            )
+            self.pipe.set_outputs(_images(enc, spec, gpu, self._stored_hw()), labels)
+        self.pipe.build()
+
+    def _stored_hw(self) -> tuple[int, int]:
+        from PIL import Image
+
+        with Image.open(self.split.open(0)) as img:
+            return img.size[1], img.size[0]
+
+    def _source(self, info: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        bs = self.spec.batch_size
+        rows = self._order[info.iteration * bs : (info.iteration + 1) * bs]
+        if len(rows) == 0:
+            raise StopIteration
+        reader = self.split.reader()
+        enc = [np.frombuffer(reader.image_bytes(int(self.split.rows[i])), dtype=np.uint8) for i in rows]
+        return enc, [self.split.labels[i : i + 1] for i in rows]
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if not self.spec.train:
+            return -(-n // self.spec.batch_size)
+        return -(-n // self.spec.world_size) // self.spec.batch_size
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch`` from batch index ``start`` on; see ``Loader``."""
+        from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+        self._finish_epoch()
+        spec = self.spec
+        order = epoch_indices(self.split.labels, spec, epoch)[: len(self) * spec.batch_size]
+        self._order = order[start * spec.batch_size :]
+        self._running = True
+        while True:
+            try:
+                images, labels = self.pipe.run()
+            except StopIteration:
+                break
+            x = to_torch_tensor(
+                images.as_tensor(), copy=True
+            )  # train (B, 3, h, w) float32; eval (B, h, w, 3) uint8
+            y = to_torch_tensor(labels.as_tensor(), copy=True).view(-1)
+            x = (
+                x.to(self.device)
+                if x.dtype == torch.float32
+                else normalize(x.to(self.device), spec.mean, spec.std)
+            )
+            yield x, y.to(self.device, non_blocking=True)
+        self.pipe.reset()
+        self._running = False
+
+    def _finish_epoch(self) -> None:
+        # An epoch abandoned midway still has prefetched batches queued: run it out before the next one.
+        if not self._running:
+            return
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            pass
+        self.pipe.reset()
+        self._running = False
+
+
+def read_webdataset_labels(split: ShardSplit, batch_size: int = 64) -> np.ndarray:
+    """Labels of every sample read back with DALI's own ``fn.readers.webdataset`` (index files, file order).
+
+    Checks that the shards and their ``.idx`` files are what DALI's reader expects; returns int64 (N,).
+    """
+    from nvidia.dali import Pipeline, fn, types
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=1, device_id=None)
+    with pipe:
+        _, cls = fn.readers.webdataset(
+            paths=list(split.tars),
+            index_paths=[t[: -len(".tar")] + ".idx" for t in split.tars],
+            ext=["jpg;png", "cls"],
+            missing_component_behavior="error",
+            dtypes=[types.UINT8, types.UINT8],
+            name="wds",
+            pad_last_batch=False,
+        )
+        pipe.set_outputs(cls)
+    pipe.build()
+    total = pipe.epoch_size("wds")
+    out: list[int] = []
+    while len(out) < total:
+        (cls_batch,) = pipe.run()
+        out.extend(int(bytes(np.asarray(cls_batch[i])).decode()) for i in range(len(cls_batch)))
+    return np.asarray(out[:total], dtype=np.int64)
+
+
+@LOADERS.register("dali")
+def build_dali(split: ShardSplit, spec: LoaderSpec) -> DaliLoader:
+    """The DALI loader (needs ``pip install nvidia-dali-cuda130``)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as err:
+        msg = "the dali loader needs nvidia-dali-cuda130 (see docs/INSTALL or the Makefile's dali target)"
+        raise ImportError(msg) from err
+    return DaliLoader(split, spec)

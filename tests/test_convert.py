@@ -1,0 +1,253 @@
+"""The conversion library and tools: golden split statistics, counts, bad input, crash safety, resume, layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dnet_fast.convert import (
+    GOLDEN,
+    ConversionError,
+    ConvertOptions,
+    ImageOptions,
+    ShardReader,
+    check_golden,
+    convert,
+    read_split,
+    read_splits,
+    split_file_input,
+    verify_output,
+)
+from dnet_fast.data.groups import group_sizes
+from tests.places_tree import BAD_KINDS, REPAIRED_KINDS, SPLITS_DIR, build_tree, class_color, make_bad
+
+REPO = Path(__file__).resolve().parents[1]
+WDS = ConvertOptions(image=ImageOptions(max_side=80), formats=("wds",), shard_size=8, progress=False)
+
+
+def _convert(tree, out: Path, opts: ConvertOptions = WDS, layout: str = "auto"):
+    splits = read_splits(tree.lists, 365)
+    return convert(split_file_input("places_lt", tree.root, splits, layout), out, opts)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return build_tree(tmp_path)
+
+
+def test_golden_statistics_of_the_real_split_files():
+    lists = {s: SPLITS_DIR / f"Places_LT_{s}.txt" for s in ("train", "val", "test")}
+    splits = read_splits(lists, 365)
+    assert check_golden(splits, GOLDEN["places_lt"]) == []
+    counts = np.bincount(splits["train"].labels)
+    assert (len(splits["train"].entries), counts.max(), counts.min()) == (62_500, 4_980, 5)
+    assert group_sizes(counts) == {"many": 131, "medium": 163, "few": 71}
+    assert all(not s.problems for s in splits.values())
+    val = read_split(SPLITS_DIR / "ImageNet_LT_val.txt", 1000)
+    assert len(val.entries) == 20_000
+    assert set(np.bincount(val.labels)) == {20}
+
+
+def test_golden_check_reports_mismatches(tree):
+    errors = check_golden(read_splits(tree.lists, 365), GOLDEN["places_lt"])
+    assert any(e.startswith("train images: expected 62500") for e in errors)
+
+
+def test_counts_labels_and_pixels_match_the_split_files(tree, tmp_path):
+    result = _convert(tree, tmp_path / "out")
+    meta = verify_output(tmp_path / "out")
+    listed = {s: [line.rsplit(" ", 1) for line in lines] for s, lines in tree.lines.items()}
+    original = sorted({int(y) for _, y in listed["train"]})
+    assert [c["original_id"] for c in meta["classes"]] == original
+    assert [c["name"] for c in meta["classes"]][:2] == ["airfield", "airplane_cabin"]
+    for split, rows in listed.items():
+        assert meta["splits"][split]["images"] == len(rows)
+        want = np.bincount([original.index(int(y)) for _, y in rows], minlength=len(original))
+        assert meta["class_counts"][split] == want.tolist()
+        tsv = (tmp_path / "out" / f"{split}.samples.tsv").read_text().splitlines()[1:]
+        assert [t.split("\t")[2] for t in tsv] == [p for p, _ in rows]  # file order kept
+        reader = ShardReader([tmp_path / "out" / t for t in meta["splits"][split]["shards"]])
+        labels = reader.labels()
+        assert labels.tolist() == [original.index(int(y)) for _, y in rows]
+        for i in (0, len(reader) - 1):  # pixels come from the listed file: its class colour survives JPEG
+            with Image.open(io.BytesIO(reader.image_bytes(i))) as img:
+                red = np.asarray(img.convert("RGB"))[..., 0].mean()
+            assert abs(red - class_color(original[labels[i]])[0]) < 4
+    assert meta["groups"] == {"many": 0, "medium": 0, "few": 5}
+    assert {"report.json", "train.samples.tsv", "train-000000.tar", "train-000000.idx"} <= set(meta["files"])
+    assert result.skipped == []
+    assert not result.verified
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_input_stops_naming_file_and_line(tree, tmp_path, kind):
+    line, rel = make_bad(tree, kind)
+    with pytest.raises(ConversionError) as err:
+        _convert(tree, tmp_path / "out")
+    assert f"Places_LT_train.txt:{line} " in str(err.value)
+    assert rel in str(err.value)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("kind", REPAIRED_KINDS)
+def test_repairable_images_are_converted_or_refused_when_strict(tree, tmp_path, kind):
+    line, _ = make_bad(tree, kind)
+    result = _convert(tree, tmp_path / "ok")
+    assert [r["where"].split(" ")[0] for r in result.repaired] == [f"Places_LT_train.txt:{line}"]
+    reader = ShardReader([tmp_path / "ok" / t for t in result.meta["splits"]["train"]["shards"]])
+    with Image.open(io.BytesIO(reader.image_bytes(len(reader) - 1))) as img:
+        assert img.mode == "RGB"
+        assert max(img.size) <= 80
+    strict = ConvertOptions(image=ImageOptions(max_side=80, strict=True), formats=("wds",), progress=False)
+    with pytest.raises(ConversionError, match=f"Places_LT_train.txt:{line} "):
+        _convert(tree, tmp_path / "strict", strict)
+
+
+def test_skip_bad_lists_every_skipped_entry(tree, tmp_path):
+    clean = sum(len(v) for v in tree.lines.values())
+    lines = {kind: make_bad(tree, kind)[0] for kind in (*BAD_KINDS, *REPAIRED_KINDS)}
+    opts = ConvertOptions(
+        image=ImageOptions(max_side=80),
+        formats=("wds",),
+        shard_size=8,
+        progress=False,
+        skip_bad=True,
+        workers=2,
+    )
+    result = _convert(tree, tmp_path / "out", opts)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    skipped = {int(s["where"].split(" ")[0].split(":")[1]) for s in report["skipped"]}
+    assert skipped == {lines[k] for k in BAD_KINDS}
+    assert len(report["repaired"]) == len(REPAIRED_KINDS)
+    assert sum(s["images"] for s in result.meta["splits"].values()) == clean + len(REPAIRED_KINDS)
+
+
+_KILLER = """
+import os, signal, sys
+from dnet_fast.convert import wds
+real_add = wds.ShardWriter.add
+def add(self, key, ext, data, label):
+    if int(key) == {kill_at}:  # mid-shard: the temporary tar is half written
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_add(self, key, ext, data, label)
+wds.ShardWriter.add = add
+sys.path.insert(0, {tools!r})
+from convert_places_lt import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _tool_args(tree, out: Path) -> list[str]:
+    return [
+        "--root",
+        str(tree.root),
+        "--out",
+        str(out),
+        "--no-golden",
+        "--formats",
+        "wds",
+        "--max-side",
+        "80",
+        "--shard-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+        *(a for s in ("train", "val", "test") for a in (f"--{s}-list", str(tree.lists[s]))),
+    ]
+
+
+def test_killed_conversion_leaves_nothing_accepted_and_resumes(tree, tmp_path):
+    out = tmp_path / "out"
+    script = _KILLER.format(kill_at=12, tools=str(REPO / "tools"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *_tool_args(tree, out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (out / "train-000001.tar.tmp").exists()
+    assert (out / "train-000000.tar").exists()
+    with pytest.raises(ConversionError, match="did not finish"):
+        verify_output(out)
+    from dnet_fast.data.shards import load_meta
+
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        load_meta(out)
+    first = (out / "train-000000.tar").stat().st_mtime_ns
+    # A shard renamed into place but never journaled (killed between rename and journal) is not trusted either.
+    shutil.copy(out / "train-000000.tar", out / "train-000005.tar")
+    sys.path.insert(0, str(REPO / "tools"))
+    from convert_places_lt import main
+
+    assert main(_tool_args(tree, out)) == 0
+    meta = verify_output(out)
+    assert (out / "train-000000.tar").stat().st_mtime_ns == first  # resumed: the complete shard was kept
+    assert not list(out.glob("*.tmp"))
+    assert not (out / "train-000005.tar").exists()
+    assert main(_tool_args(tree, tmp_path / "clean")) == 0
+    clean = json.loads((tmp_path / "clean" / "meta.json").read_text())
+    tars = {k: v for k, v in meta["files"].items() if k.endswith((".tar", ".idx"))}
+    assert tars == {k: v for k, v in clean["files"].items() if k.endswith((".tar", ".idx"))}
+
+
+def test_rerun_verifies_detects_damage_and_refuses_other_arguments(tree, tmp_path):
+    out = tmp_path / "out"
+    _convert(tree, out)
+    assert _convert(tree, out).verified
+    shard = out / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])  # damaged after conversion
+    with pytest.raises(ConversionError, match="train-000001.tar"):
+        verify_output(out)
+    result = _convert(tree, out)
+    assert not result.verified
+    assert verify_output(out)
+    other = ConvertOptions(image=ImageOptions(max_side=64), formats=("wds",), progress=False)
+    with pytest.raises(ConversionError, match="other inputs or arguments"):
+        _convert(tree, out, other)
+
+
+def test_places365_data_256_layout_gives_identical_shards(tree, tmp_path):
+    _convert(tree, tmp_path / "oltr")
+    p365 = tmp_path / "p365"
+    for rel in {line.rsplit(" ", 1)[0] for lines in tree.lines.values() for line in lines}:
+        top, cls, name = rel.split("/")
+        dest = (
+            p365 / "val_256" / name
+            if top == "val"
+            else p365 / "data_256" / cls[0] / cls.replace("-", "/") / name
+        )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tree.root / rel, dest)
+    tree.root = p365
+    result = _convert(tree, tmp_path / "out365")
+    assert set(result.meta["provenance"]["layouts"].values()) == {"places365"}
+    a = json.loads((tmp_path / "oltr" / "meta.json").read_text())["files"]
+    assert {k: v for k, v in a.items() if k.endswith(".tar")} == {
+        k: v for k, v in result.meta["files"].items() if k.endswith(".tar")
+    }
+
+
+def test_tool_golden_check_and_exit_codes(tree, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    from convert_places_lt import main
+
+    args = [a for a in _tool_args(tree, tmp_path / "out") if a != "--no-golden"]
+    assert main(args) == 2
+    assert "train images: expected 62500, got 30" in capsys.readouterr().err
+    make_bad(tree, "corrupt")
+    assert main(_tool_args(tree, tmp_path / "out")) == 1
+    assert main([*_tool_args(tree, tmp_path / "out"), "--skip-bad"]) == 0
+    assert "skipped 1" in capsys.readouterr().out

@@ -1,0 +1,155 @@
+"""Loaders over converted shards: labels and order through every loader, identical eval outputs, training runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dnet_fast.data.dali_loader
+import dnet_fast.data.ffcv_loader
+import dnet_fast.data.shards  # noqa: F401  (registers the shards dataset and the ffcv/dali loaders)
+from dnet_fast import sampling
+from dnet_fast.config import DataConfig
+from dnet_fast.convert import ConvertOptions, ImageOptions, convert, read_splits, split_file_input
+from dnet_fast.convert.beton import ffcv_available
+from dnet_fast.data.base import DATASETS, LOADERS, LoaderSpec
+from dnet_fast.data.shards import ShardSplit, load_meta, open_split
+from tests.places_tree import build_tree
+
+LOADER_NAMES = ("resident", "naive", "ffcv", "dali")
+CROP = 56  # eval resizes the shorter side to 64 = the stored images' shorter side: no resampling anywhere
+
+
+def _needs(name: str) -> None:
+    if name == "ffcv":
+        pytest.importorskip("ffcv")
+    if name == "dali":
+        pytest.importorskip("nvidia.dali")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The miniature Places-LT tree converted losslessly (PNG shards, raw .beton when ffcv is installed)."""
+    base = tmp_path_factory.mktemp("places")
+    tree = build_tree(base)
+    formats = ("wds", "ffcv") if ffcv_available() else ("wds",)
+    opts = ConvertOptions(
+        image=ImageOptions(max_side=80, mode="raw"), formats=formats, shard_size=8, progress=False
+    )
+    convert(split_file_input("places_lt", tree.root, read_splits(tree.lists, 365)), base / "out", opts)
+    return base / "out"
+
+
+def _spec(**kw) -> LoaderSpec:
+    base = {
+        "augment": "none",
+        "eval_augment": "imagenet",
+        "crop_size": CROP,
+        "workers": 1,
+        "seed": 3,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
+    return LoaderSpec(**{"batch_size": 8, **base, **kw})
+
+
+def _run(name: str, split: ShardSplit, spec: LoaderSpec, epoch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*LOADERS.get(name)(split, spec).batches(epoch), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_shards_dataset_reads_meta_and_draws_the_meta_set(shards):
+    bundle = DATASETS.get("shards")(DataConfig(dataset="shards", root=str(shards), meta_per_class=2), 0)
+    meta = load_meta(shards)
+    assert bundle.num_classes == 5
+    assert bundle.class_names[0] == "airfield"
+    assert bundle.class_counts.tolist() == meta["class_counts"]["train"]
+    assert np.bincount(bundle.val.labels).tolist() == [2] * 5  # 2 per class drawn from the stored val split
+    assert len(bundle.test) == meta["splits"]["test"]["images"]
+    assert bundle.info["meta_indices"] == sorted(bundle.info["meta_indices"])
+    (shards.parent / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        load_meta(shards.parent / "empty")
+
+
+@pytest.mark.parametrize("name", LOADER_NAMES)
+def test_engine_order_labels_and_identical_eval_pixels(shards, name):
+    _needs(name)
+    train = open_split(shards, "train")
+    # Training order from sampling.epoch_order with the deterministic eval transform: one loader checks the
+    # order, the labels and the pixels (FFCV compiles a pipeline per loader, so each loader is built once).
+    spec = _spec(train=True, order="class_aware")
+    x, y = _run(name, train, spec)
+    order = sampling.epoch_order(train.labels, "class_aware", seed=3, epoch=1)[: len(y)]
+    assert y.tolist() == train.labels[order].tolist()
+    ref, _ = _run("resident", train.subset(order), _spec(train=False))
+    assert x.shape == (len(order), 3, CROP, CROP)
+    assert torch.equal(x, ref)
+
+
+@pytest.mark.parametrize("name", ["naive", "dali"])
+def test_eval_mode_reads_every_sample_once_in_file_order(shards, name):
+    _needs(name)
+    test = open_split(shards, "test")
+    x, y = _run(name, test, _spec(train=False, batch_size=4))
+    assert y.tolist() == test.labels.tolist()
+    assert torch.equal(x, _run("resident", test, _spec(train=False))[0])
+
+
+@pytest.mark.parametrize("name", ["resident", "naive", "dali"])
+def test_train_augmentation_batches(shards, name):
+    _needs(name)
+    train = open_split(shards, "train")
+    x, y = _run(name, train, _spec(train=True, augment="imagenet"))
+    assert x.shape == (len(train) // 8 * 8, 3, CROP, CROP)
+    assert torch.isfinite(x).all()
+    assert sorted(y.tolist()) != y.tolist()  # shuffled
+
+
+def test_dali_webdataset_reader_reads_the_index_files(shards):
+    pytest.importorskip("nvidia.dali")
+    from dnet_fast.data.dali_loader import read_webdataset_labels
+
+    val = open_split(shards, "val")
+    assert read_webdataset_labels(val, batch_size=4).tolist() == val.labels.tolist()
+
+
+@pytest.mark.parametrize("name", LOADER_NAMES)
+def test_train_cli_runs_from_shards(shards, tmp_path, name):
+    _needs(name)
+    from dnet_fast.cli import main
+
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(shards),
+        "--loader",
+        name,
+        "--backbone",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+        "meta.mode='off'",  # quoted: YAML reads a bare off as False; overrides go last
+        f"data.crop_size={CROP}",
+        "model.width=4",
+        "data.meta_per_class=2",
+        "data.workers=1",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.eval_batch=16",
+    ]
+    assert main(args) == 0
+    cfg = (run / "config.yaml").read_text()
+    assert f"loader: {name}" in cfg
+    assert "dataset: shards" in cfg
+    assert json.loads(next(run.glob("results.json")).read_text())
