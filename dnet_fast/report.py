@@ -48,7 +48,8 @@ def run_label(results: dict[str, Any]) -> str:
 
 
 def _seedless(path: Path) -> str:
-    return re.sub(r"[-_]?(seed|s)\d+$", "", path.name)
+    """The run folder without its trailing seed (``runs/demo/exact-seed2`` -> ``runs/demo/exact``)."""
+    return str(path.parent / re.sub(r"[-_]?(seed|s)\d+$", "", path.name))
 
 
 def runs_table(run_dirs: list[str]) -> str:
@@ -63,13 +64,17 @@ def runs_table(run_dirs: list[str]) -> str:
         if "test" not in results:
             msg = f"{path}: the run stopped before the end; no test result"
             raise ValueError(msg)
-        groups[f"{run_label(results)} [{_seedless(Path(run))}]"].append(results["test"])
+        groups[(run_label(results), _seedless(Path(run)))].append(results["test"])
+    labels = [label for label, _ in groups]
     lines = ["| method | runs | top-1 | many | medium | few |", "|---|---|---|---|---|---|"]
-    for label, tests in groups.items():
+    for (label, name), tests in groups.items():
+        # The folder name tells apart groups that train the same method (e.g. two λ values).
+        label = f"{label} [{name}]" if labels.count(label) > 1 else label
         cells = []
         for key in _METRICS:
             values = np.array([np.nan if t[key] is None else t[key] for t in tests], dtype=float) * 100
+            values = values[~np.isnan(values)]  # an empty shot group has no accuracy (NaN / null)
             std = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
-            cells.append(f"{np.mean(values):.2f}{std}")
+            cells.append(f"{np.mean(values):.2f}{std}" if len(values) else "n/a")
         lines.append(f"| {label} | {len(tests)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
