@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from dnet_fast import info
+from dnet_fast.atomic import atomic_write_json
 from dnet_fast.registry import Registry
 
 __all__ = [
@@ -32,8 +28,6 @@ __all__ = [
     "timeit",
     "write_json",
 ]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(slots=True)
@@ -165,96 +159,49 @@ def timeit(
 # Environment
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _extension_status() -> dict[str, Any]:
-    try:
-        import dnet_fast._C  # noqa: F401  (presence check only)
-    except Exception as exc:  # any import failure means "not usable"; the message says why
-        return {"built": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"built": True}
-
-
-def _gpu_info() -> dict[str, Any] | None:
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "name": props.name,
-        "count": torch.cuda.device_count(),
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "capability": f"{props.major}.{props.minor}",
-        "cudnn": torch.backends.cudnn.version(),
-    }
-
-
 def environment() -> dict[str, Any]:
-    """Machine, software versions and repository state, recorded with every benchmark result.
+    """``dnet_fast.info.environment()`` (the run directories' env.json) in the flat layout of benchmark results.
 
     Returns:
         A JSON-ready dict: machine/platform, CPU model and cores (total and usable), load average, torch threads,
         python/torch/numpy versions, CUDA version and GPU (or None), git commit and dirty flag, UTC date, and
         whether ``dnet_fast._C`` is built.
     """
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
+    env = info.environment()
+    cuda, git = env["cuda"], env["git"]
+    gpu = None
+    if cuda["available"]:
+        gpu = {"name": cuda["device"], **{k: cuda[k] for k in ("count", "memory_gib", "capability", "cudnn")}}
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": _gpu_info(),
-        "git_commit": commit or None,
-        "git_dirty": bool(status) if status is not None else None,
-        "dnet_fast_C": _extension_status(),
+        "date_utc": env["date"],
+        "machine": env["machine"],
+        "platform": env["platform"],
+        "hostname": env["hostname"],
+        "cpu_model": env["cpu"],
+        "cpu_count": env["cpu_count"],
+        "cpu_usable": env["cpu_usable"],
+        "load_avg": env["load_avg"],
+        "torch_threads": env["torch_threads"],
+        "python": env["python"],
+        "torch": env["torch"],
+        "numpy": env["numpy"],
+        "cuda": cuda["torch_cuda"],
+        "gpu": gpu,
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "dnet_fast": env["dnet_fast"],
+        "dnet_fast_C": env["extension"],
     }
 
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
-    """Writes ``payload`` as indented JSON atomically (temp file in the same folder, then rename).
+    """Writes ``payload`` as indented JSON atomically (``dnet_fast.atomic``; objects JSON lacks become strings).
 
     Returns:
         The written path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write_json(path, payload, indent=2, default=str)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

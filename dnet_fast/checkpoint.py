@@ -1,42 +1,19 @@
-"""Atomic checkpoint files: write to a temporary name, fsync, rename; load with ``weights_only=True``."""
+"""Checkpoint files: saved atomically (``dnet_fast.atomic``), loaded with ``weights_only=True``."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_open", "load_checkpoint", "save_checkpoint"]
+from dnet_fast.atomic import atomic_open
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or not a dnet-fast checkpoint."""
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Opens a temporary file beside ``path``; on success it is fsynced and renamed over ``path``.
-
-    Readers therefore see either the old file or the complete new one, never a partial write; on error the
-    temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

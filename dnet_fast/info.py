@@ -14,7 +14,7 @@ import torch
 
 import dnet_fast
 
-__all__ = ["environment", "extension_status", "format_environment"]
+__all__ = ["environment", "extension_status", "format_environment", "load_average", "usable_cpus"]
 
 
 def extension_status() -> dict[str, Any]:
@@ -52,6 +52,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none): a busy machine skews timings."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity, cgroup pinning), which can be fewer than ``os.cpu_count()``."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _cuda_state() -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"available": False, "torch_cuda": torch.version.cuda}
@@ -60,6 +70,7 @@ def _cuda_state() -> dict[str, Any]:
         "available": True,
         "torch_cuda": torch.version.cuda,
         "device": props.name,
+        "count": torch.cuda.device_count(),
         "memory_gib": round(props.total_memory / 2**30, 1),
         "capability": f"{props.major}.{props.minor}",
         "cudnn": torch.backends.cudnn.version(),
@@ -75,8 +86,12 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": platform.node(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_usable": usable_cpus(),
+        "load_avg": load_average(),
         "torch_threads": torch.get_num_threads(),
         "cuda": _cuda_state(),
         "git": _git_state(),

@@ -104,8 +104,9 @@ class PerSampleLoss(nn.Module):
 class ClassWeightedLoss(PerSampleLoss):
     """A loss ℓ_i = v_{y_i} · base_i with a (C,) class-weight buffer ``class_weight`` (starts at 1).
 
-    Reduced like PyTorch's weighted ``cross_entropy`` (divide by Σ_i v_{y_i}), as the baselines' reference code
-    does; see `PerSampleLoss.divides_by_weight_sum`.
+    base_i is the cross-entropy unless a subclass overrides ``_unweighted`` (LDAM does). Reduced like PyTorch's
+    weighted ``cross_entropy`` (divide by Σ_i v_{y_i}), as the baselines' reference code does; see
+    `PerSampleLoss.divides_by_weight_sum`.
     """
 
     divides_by_weight_sum = True
@@ -120,7 +121,7 @@ class ClassWeightedLoss(PerSampleLoss):
         return self.class_weight[target] * self._unweighted(z, target)  # (B,)
 
     def _unweighted(self, z: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        return F.cross_entropy(z, target, reduction="none")  # (B,)
 
     @override
     def sample_weight(self, target: Tensor) -> Tensor:
@@ -190,10 +191,6 @@ class ClassBalancedCE(ClassWeightedLoss):
     @override
     def from_config(cls, cfg: LossConfig, class_counts: Tensor) -> ClassBalancedCE:
         return cls(class_counts, cfg.cb_beta)
-
-    @override
-    def _unweighted(self, z: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(z, target, reduction="none")  # (B,)
 
 
 @LOSSES.register("ldam")
@@ -314,10 +311,6 @@ class CDBCrossEntropy(ClassWeightedLoss):
             raise ValueError(msg)
         acc = class_acc.detach().to(self.class_weight.device, torch.float64).clamp(0.0, 1.0)  # (C,)
         self.class_weight.copy_(_cdb_weights(acc, self.tau))
-
-    @override
-    def _unweighted(self, z: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(z, target, reduction="none")  # (B,)
 
 
 @LOSSES.register("logit_adjust")

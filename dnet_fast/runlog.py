@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from dnet_fast.checkpoint import atomic_open
+from dnet_fast.atomic import atomic_open, atomic_write_json
 from dnet_fast.config import TrainConfig, dump_yaml
 from dnet_fast.info import environment
 
@@ -53,8 +53,7 @@ class RunLog:
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
         """Writes ``payload`` to ``out_dir/name`` atomically."""
-        with atomic_open(self.dir / name, "w") as f:
-            json.dump(payload, f, indent=2, default=_plain)
+        atomic_write_json(self.dir / name, payload, indent=2, default=_plain)
 
     def log(self, kind: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends one ``{"kind", "step", ...}`` line to metrics.jsonl and the scalars to TensorBoard."""

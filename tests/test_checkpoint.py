@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dnet_fast.checkpoint import CheckpointError, atomic_open, load_checkpoint, save_checkpoint
+from dnet_fast.atomic import atomic_open
+from dnet_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_weights_only(tmp_path):
@@ -16,12 +17,17 @@ def test_round_trip_weights_only(tmp_path):
     assert loaded["epoch"] == 3
 
 
+def _write_partial_then_fail(path):
+    with atomic_open(path) as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+
+
 def test_failed_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"model": {}, "config": {}, "epoch": 1})
-    with pytest.raises(RuntimeError, match="boom"), atomic_open(path) as f:
-        f.write(b"partial")
-        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        _write_partial_then_fail(path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dnet_fast.config import DataConfig
 from dnet_fast.data.base import DATASETS, LoaderSpec
 from dnet_fast.data.loaders import ResidentLoader
 from dnet_fast.data.shards import decode_split
+from tests.fake_cifar import cifar_rows, write_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,24 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 def fake_cifar10(tmp_path_factory):
     """A CIFAR-10 python folder with 30 random images per class (5 train batches) and 4 test images per class."""
     root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.Generator(np.random.PCG64(0))
     labels = rng.permutation(np.repeat(np.arange(10), 30)).reshape(5, 60)
-    for b in range(5):
-        _dump(folder / f"data_batch_{b + 1}", {b"data": _images(rng, 60), b"labels": labels[b].tolist()})
-    _dump(folder / "test_batch", {b"data": _images(rng, 40), b"labels": np.repeat(np.arange(10), 4).tolist()})
-    _dump(folder / "batches.meta", {b"label_names": [f"c{c}".encode() for c in range(10)]})
+    train = [(cifar_rows(rng, 60), labels[b].tolist()) for b in range(5)]
+    write_cifar10(root, train, (cifar_rows(rng, 40), np.repeat(np.arange(10), 4).tolist()))
     return root
-
-
-def _dump(path: Path, obj: dict) -> None:
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _images(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
 
 
 def test_cifar_lt_shards_equal_the_bundle(fake_cifar10, tmp_path):

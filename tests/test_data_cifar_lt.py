@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from dnet_fast.config import DataConfig
 from dnet_fast.data import DATASETS
 from dnet_fast.data.cifar_lt import lt_counts, official_counts, select_official, select_standard
 from dnet_fast.data.groups import group_sizes
+from tests.fake_cifar import cifar_rows, write_cifar10, write_cifar100
 
 # ρ: (standard total, head, tail, many, med, few), (official total, head, tail, many, med, few), overlap
 GOLDEN_C100 = {
@@ -84,29 +83,14 @@ def test_official_selection_is_file_order():
 # End to end with fake pickle files in the real layout.
 
 
-def _dump(path, obj):
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _fake_images(rng, n):
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
 @pytest.fixture(scope="module")
 def fake_cifar100(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-100-python"
-    folder.mkdir()
     rng = np.random.Generator(np.random.PCG64(0))
     train_labels = rng.permutation(np.repeat(np.arange(100), 30))
-    data = _fake_images(rng, 3000)
-    test_labels = np.repeat(np.arange(100), 2)
-    _dump(
-        folder / "train", {b"data": data, b"fine_labels": train_labels.tolist(), b"coarse_labels": [0] * 3000}
-    )
-    _dump(folder / "test", {b"data": _fake_images(rng, 200), b"fine_labels": test_labels.tolist()})
-    _dump(folder / "meta", {b"fine_label_names": [f"n{c}".encode() for c in range(100)]})
+    data = cifar_rows(rng, 3000)
+    test = (cifar_rows(rng, 200), np.repeat(np.arange(100), 2).tolist())
+    write_cifar100(root, (data, train_labels.tolist()), test)
     return root, data, train_labels
 
 
@@ -137,14 +121,12 @@ def test_cifar100_end_to_end(fake_cifar100, variant):
 
 
 def test_cifar10_end_to_end(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
     rng = np.random.Generator(np.random.PCG64(1))
-    for i in range(1, 6):
-        labels = rng.permutation(np.repeat(np.arange(10), 4))
-        _dump(folder / f"data_batch_{i}", {b"data": _fake_images(rng, 40), b"labels": labels.tolist()})
-    _dump(folder / "test_batch", {b"data": _fake_images(rng, 20), b"labels": list(range(10)) * 2})
-    _dump(folder / "batches.meta", {b"label_names": [f"c{c}".encode() for c in range(10)]})
+    train = []
+    for _ in range(5):
+        labels = rng.permutation(np.repeat(np.arange(10), 4))  # drawn before the batch's pixels
+        train.append((cifar_rows(rng, 40), labels.tolist()))
+    write_cifar10(tmp_path, train, (cifar_rows(rng, 20), list(range(10)) * 2))
     b = DATASETS.get("cifar10_lt")(DataConfig(root=str(tmp_path), imbalance=5, val_per_class=3), 2)
     assert b.class_counts.tolist() == lt_counts(20, 10, 5).tolist()
     assert b.mean[0] == pytest.approx(0.4914)

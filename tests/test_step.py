@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dnet_fast.config import DiffNetConfig, LossConfig, MetaConfig, ModelConfig, TrainConfig
 from dnet_fast.losses import LOSSES, build_loss
@@ -26,10 +26,9 @@ from dnet_fast.step import (
     step_optimizers,
     tensor_lrs_,
 )
+from tests.helpers import ACC, B, C, TinyNet, batch, meta_config, tiny_param_groups
 
-C, B, M = 5, 8, 6  # classes, train batch, meta batch
 COUNTS = torch.tensor([40.0, 20, 10, 5, 2])  # (C,) long-tailed training counts
-ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
 ACC2 = torch.tensor([0.8, 0.7, 0.3, 0.3, 0.1], dtype=torch.float64)  # A of a later epoch
 # Power-of-two lrs make α·g exact, so torch's fused p − α·g (one FMA) and ours (product, then difference) agree
 # bit for bit; the schedule factors below keep them powers of two.
@@ -39,32 +38,13 @@ MODES = [("off", "jvp"), ("driver", "jvp"), ("exact", "jvp"), ("exact", "double_
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-class TinyNet(nn.Module):
-    """conv → BN → ReLU → global average pool → linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def make(mode: str, grad: str = "jvp", loss: str = "ce") -> MetaMode:
     """A float64 meta mode on TinyNet with torch SGD (momentum, Nesterov, weight decay, two lr groups)."""
-    cfg = TrainConfig(
-        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2),
-        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=0.3, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
-    )
+    cfg = meta_config(mode, grad)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyNet().to(torch.float64).train()
-        groups = [
-            {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": LRS[0]},
-            {"params": list(model.fc.parameters()), "lr": LRS[1], "weight_decay": 1e-3},
-        ]
+        groups = tiny_param_groups(model, *LRS, weight_decay=1e-3)
         for group in groups:
             group["base_lr"] = group["lr"]
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -74,15 +54,6 @@ def make(mode: str, grad: str = "jvp", loss: str = "ce") -> MetaMode:
         meta = META_MODES.get(mode)(cfg, model, criterion, optimizer, C)
     meta.set_class_accuracy(ACC)
     return meta
-
-
-def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """A train batch and a balanced meta batch, a pure function of ``step``."""
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (B,), generator=g)
-    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
-    return x, y, (xm, torch.arange(M) % C)
 
 
 def run(step_fn, meta: MetaMode, steps: int, *, seed: int = 7) -> list[dict[str, Tensor]]:

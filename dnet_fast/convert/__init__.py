@@ -5,17 +5,24 @@ from __future__ import annotations
 from dnet_fast.convert.golden import GOLDEN, Golden, check_golden, summary_lines
 from dnet_fast.convert.images import BadImage, ImageOptions, Prepared
 from dnet_fast.convert.inputs import array_input, read_splits, split_file_input
+from dnet_fast.convert.journal import META_NAME
 from dnet_fast.convert.pipeline import (
     CONVERTER_VERSION,
-    META_NAME,
-    ConversionError,
     ConvertOptions,
     ConvertResult,
     DatasetInput,
     convert,
     verify_output,
 )
-from dnet_fast.convert.splitfile import Entry, Problem, SplitFile, git_blob_sha1, read_split, split_stats
+from dnet_fast.convert.splitfile import (
+    ConversionError,
+    Entry,
+    Problem,
+    SplitFile,
+    git_blob_sha1,
+    read_split,
+    split_stats,
+)
 from dnet_fast.convert.wds import ShardReader, read_index
 
 __all__ = [

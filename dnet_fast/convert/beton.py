@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dnet_fast.convert.atomic import atomic_path
+from dnet_fast.atomic import atomic_path
 from dnet_fast.convert.images import ImageOptions, decode_payload
 from dnet_fast.convert.wds import ShardReader
 

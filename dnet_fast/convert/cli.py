@@ -10,9 +10,9 @@ from pathlib import Path
 from dnet_fast.convert.golden import Golden, check_golden, summary_lines
 from dnet_fast.convert.images import ImageOptions
 from dnet_fast.convert.inputs import array_input, read_splits, split_file_input
-from dnet_fast.convert.pipeline import ConversionError, ConvertOptions, ConvertResult, DatasetInput, convert
+from dnet_fast.convert.pipeline import ConvertOptions, ConvertResult, DatasetInput, convert
 from dnet_fast.convert.sources import LAYOUT_NAMES
-from dnet_fast.convert.splitfile import git_blob_sha1
+from dnet_fast.convert.splitfile import ConversionError, git_blob_sha1
 
 __all__ = [
     "SplitDefaults",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dnet_fast.convert.atomic import sha256_file
+from dnet_fast.atomic import sha256_file
 from dnet_fast.convert.pipeline import DatasetInput
 from dnet_fast.convert.sources import ArraySource, FileSource
 from dnet_fast.convert.splitfile import (

@@ -1,4 +1,4 @@
-"""The resume journal: completed conversion units with their files' checksums, and stray-file cleanup."""
+"""Output-directory bookkeeping: file names, the resume journal with checksums, and stray-file cleanup."""
 
 from __future__ import annotations
 
@@ -7,18 +7,51 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dnet_fast.convert.atomic import atomic_write_json, file_record, sha256_file
+from dnet_fast.atomic import TMP_SUFFIX, atomic_write_json, sha256_file
 
-__all__ = ["JOURNAL_NAME", "REPORT_NAME", "Journal", "file_ok", "is_output_name"]
+__all__ = [
+    "JOURNAL_NAME",
+    "META_NAME",
+    "REPORT_NAME",
+    "Journal",
+    "file_ok",
+    "file_record",
+    "is_output_name",
+    "read_meta",
+    "remove_tmp_files",
+]
 
+META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
 JOURNAL_NAME = "progress.json"  # resume journal of completed units while a conversion runs
 REPORT_NAME = "report.json"
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_]+(-\d{6}\.(tar|idx)|\.beton|\.samples\.tsv)")
 
 
-def file_ok(path: Path, rec: dict[str, Any]) -> bool:
-    """Whether ``path`` exists with the recorded size and SHA-256."""
-    return path.is_file() and path.stat().st_size == rec["bytes"] and sha256_file(path) == rec["sha256"]
+def read_meta(out: Path) -> dict[str, Any] | None:
+    """The parsed ``out/meta.json``, or None when there is none (not a conversion, or one that did not finish)."""
+    path = out / META_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of a file, as stored in the journal and meta.json."""
+    path = Path(path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def file_ok(path: Path, rec: dict[str, Any], *, checksum: bool = True) -> bool:
+    """Whether ``path`` exists with the recorded size and (with ``checksum``) the recorded SHA-256."""
+    if not path.is_file() or path.stat().st_size != rec["bytes"]:
+        return False
+    return not checksum or sha256_file(path) == rec["sha256"]
+
+
+def remove_tmp_files(directory: str | Path) -> list[Path]:
+    """Deletes the ``*.tmp`` files an interrupted conversion left in its output directory; returns them."""
+    removed = sorted(Path(directory).glob(f"*{TMP_SUFFIX}"))
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def is_output_name(name: str) -> bool:
@@ -52,6 +85,11 @@ class Journal:
         for p in self.out.iterdir():
             if p.is_file() and p.name not in known and is_output_name(p.name):
                 p.unlink()
+
+    def shard_units(self, split: str) -> list[str]:
+        """Names of the journaled shard units of ``split`` (``<split>/shard/<k>``), in shard order."""
+        prefix = f"{split}/shard/"
+        return sorted((n for n in self.units if n.startswith(prefix)), key=lambda n: int(n.rsplit("/", 1)[1]))
 
     def valid(self, name: str, **expect: Any) -> bool:
         unit = self.units.get(name)

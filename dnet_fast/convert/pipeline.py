@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import multiprocessing as mp
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from dnet_fast.convert.atomic import (
-    atomic_path,
-    atomic_write_json,
+from dnet_fast.atomic import atomic_path, atomic_write_json
+from dnet_fast.convert.images import ImageOptions
+from dnet_fast.convert.journal import (
+    JOURNAL_NAME,
+    META_NAME,
+    REPORT_NAME,
+    Journal,
+    file_ok,
     file_record,
+    read_meta,
     remove_tmp_files,
 )
-from dnet_fast.convert.encode import encode_task, init_worker
-from dnet_fast.convert.images import BadImage, ImageOptions, Prepared
-from dnet_fast.convert.journal import JOURNAL_NAME, REPORT_NAME, Journal, file_ok
 from dnet_fast.convert.sources import Source
-from dnet_fast.convert.splitfile import Problem, split_stats
-from dnet_fast.convert.wds import ShardWriter, sample_key
+from dnet_fast.convert.split_shards import RunState, worker_pool, write_split_shards
+from dnet_fast.convert.splitfile import MAX_LISTED, ConversionError, Problem, split_stats
+from dnet_fast.convert.wds import sample_key
 from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD
 from dnet_fast.data.groups import shot_groups
 
 __all__ = [
     "CONVERTER_VERSION",
-    "META_NAME",
-    "ConversionError",
     "ConvertOptions",
     "ConvertResult",
     "DatasetInput",
@@ -43,13 +40,6 @@ __all__ = [
 ]
 
 CONVERTER_VERSION = "1"
-META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
-
-_MAX_LISTED = 20
-
-
-class ConversionError(RuntimeError):
-    """Bad input (default mode) or an inconsistent output directory; the message names files and lines."""
 
 
 @dataclass(frozen=True)
@@ -144,11 +134,11 @@ def convert(inp: DatasetInput, out_dir: str | Path, opts: ConvertOptions) -> Con
     (out / META_NAME).unlink(missing_ok=True)
     journal = Journal(out, fingerprint, keep=(META_NAME,))
     excluded = _precheck(inp, opts.skip_bad)
-    state = _RunState(skipped=[*inp.problems], repaired=[])
+    state = RunState(skipped=[*inp.problems], repaired=[])
     state.skipped.extend(p for s in excluded.values() for p in s.values())
-    with _worker_pool(opts) as pool:
+    with worker_pool(opts) as pool:
         for split, source in inp.sources.items():
-            _write_split_shards(pool, out, split, source, excluded[split], opts, journal, state)
+            write_split_shards(pool, out, split, source, excluded[split], opts, journal, state)
     if "ffcv" in opts.formats:
         for split, source in inp.sources.items():
             _write_split_beton(out, split, source, opts, journal)
@@ -181,28 +171,26 @@ def verify_output(out_dir: str | Path) -> dict[str, Any]:
         ConversionError: meta.json missing (an unfinished or killed conversion) or a file missing/changed.
     """
     out = Path(out_dir)
-    path = out / META_NAME
-    if not path.is_file():
+    meta = read_meta(out)
+    if meta is None:
         msg = f"{out}: no {META_NAME}; the conversion did not finish (run the converter again to resume it)"
         raise ConversionError(msg)
-    meta = json.loads(path.read_text())
     bad = [name for name, rec in meta["files"].items() if not file_ok(out / name, rec)]
     if bad:
-        msg = f"{out}: files missing or changed since conversion: {', '.join(bad[:_MAX_LISTED])}"
+        msg = f"{out}: files missing or changed since conversion: {', '.join(bad[:MAX_LISTED])}"
         raise ConversionError(msg)
     return meta
 
 
 def _verified_meta(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
-    path = out / META_NAME
-    if not path.is_file():
+    meta = read_meta(out)
+    if meta is None:
         return None
-    meta = json.loads(path.read_text())
     if meta.get("fingerprint") != fingerprint:
         if not overwrite:
             msg = (
                 f"{out} holds a conversion made with other inputs or arguments "
-                f"(see {path}); choose another output directory or pass --overwrite"
+                f"(see {out / META_NAME}); choose another output directory or pass --overwrite"
             )
             raise ConversionError(msg)
         return None
@@ -230,219 +218,20 @@ def _precheck(inp: DatasetInput, skip_bad: bool) -> dict[str, dict[int, Problem]
                 excluded[split][i] = Problem(stamp, source.where(i), what)
     problems = [*inp.problems, *(p for s in excluded.values() for p in s.values())]
     if problems and not skip_bad:
-        raise ConversionError(_problem_message(problems))
+        raise ConversionError.from_problems(problems)
     return excluded
 
 
-def _problem_message(problems: list[Problem]) -> str:
-    lines = [str(p) for p in problems[:_MAX_LISTED]]
-    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-    return (
-        f"{len(problems)} bad input entr{'y' if len(problems) == 1 else 'ies'} (fix them or pass --skip-bad "
-        "to skip and list them in report.json):\n  " + "\n  ".join(lines) + more
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tar shards: resume whole shards whose sources are unchanged, encode the rest in parallel.
-
-
-@dataclass
-class _RunState:
-    skipped: list[Problem]
-    repaired: list[dict[str, str]]
-
-
-def _shard_name(split: str, k: int) -> str:
-    return f"{split}-{k:06d}.tar"
-
-
-def _write_split_shards(
-    pool: Any,
-    out: Path,
-    split: str,
-    source: Source,
-    excluded: dict[int, Problem],
-    opts: ConvertOptions,
-    journal: Journal,
-    state: _RunState,
-) -> None:
-    pos, k, kept = _reuse_shards(split, source, journal, state)
-    for stale in [
-        n for n in journal.units if n.startswith(f"{split}/shard/") and int(n.rsplit("/", 1)[1]) >= k
-    ]:
-        journal.drop(stale)
-    journal.drop(f"{split}/beton")
-    seq = _ShardSequence(out, split, source, journal, state, opts, k, kept, pos)
-    results = _Results(
-        pool, source, [i for i in range(pos, len(source)) if i not in excluded], opts, desc=split
-    )
-    try:
-        for i, res in results:
-            seq.add(i, res)
-        seq.finish()
-    except BaseException:
-        seq.abort()
-        raise
-    finally:
-        results.close()
-
-
-class _ShardSequence:
-    """Fills shards ``k, k+1, ...`` of a split in sample order and journals each one as it completes."""
-
-    def __init__(
-        self,
-        out: Path,
-        split: str,
-        source: Source,
-        journal: Journal,
-        state: _RunState,
-        opts: ConvertOptions,
-        k: int,
-        kept: int,
-        start: int,
-    ) -> None:
-        self.out, self.split, self.source, self.journal, self.state, self.opts = (
-            out,
-            split,
-            source,
-            journal,
-            state,
-            opts,
-        )
-        self.k, self.kept, self.start = k, kept, start
-        self.writer: ShardWriter | None = None
-        self.members: list[int] = []
-        self.skipped: list[Problem] = []
-        self.repaired: list[dict[str, str]] = []
-
-    def add(self, i: int, res: Prepared | BadImage) -> None:
-        where = self.source.where(i)
-        if isinstance(res, BadImage):
-            problem = Problem(res.kind, where, str(res))
-            if not self.opts.skip_bad:
-                raise ConversionError(_problem_message([problem]))
-            self.skipped.append(problem)
-            return
-        if res.notes:
-            self.repaired.append({"where": where, "notes": "; ".join(res.notes)})
-        if self.writer is None:
-            self.writer = ShardWriter(self.out / _shard_name(self.split, self.k))
-        self.writer.add(sample_key(self.kept), res.ext, res.data, int(self.source.labels[i]))
-        self.members.append(i)
-        self.kept += 1
-        if len(self.writer) == self.opts.shard_size:
-            self._close(stop=i + 1)
-
-    def finish(self) -> None:
-        if self.writer is not None:
-            self._close(stop=len(self.source))
-        else:
-            # Trailing skipped entries belong to no shard; they are still reported.
-            self.state.skipped.extend(self.skipped)
-            self.state.repaired.extend(self.repaired)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    def _close(self, stop: int) -> None:
-        assert self.writer is not None
-        self.writer.close()
-        self.journal.record(
-            f"{self.split}/shard/{self.k}",
-            [self.writer.tar_path.name, self.writer.idx_path.name],
-            start=self.start,
-            stop=stop,
-            digest=_stamp_digest(self.source, self.start, stop),
-            members=self.members,
-            skipped=[asdict(p) for p in self.skipped],
-            repaired=self.repaired,
-        )
-        self.state.skipped.extend(self.skipped)
-        self.state.repaired.extend(self.repaired)
-        self.writer, self.members, self.skipped, self.repaired = None, [], [], []
-        self.start, self.k = stop, self.k + 1
-
-
-def _reuse_shards(split: str, source: Source, journal: Journal, state: _RunState) -> tuple[int, int, int]:
-    pos = k = kept = 0
-    while True:
-        name = f"{split}/shard/{k}"
-        unit = journal.units.get(name)
-        if unit is None or unit["start"] != pos or unit["stop"] > len(source):
-            return pos, k, kept
-        if not journal.valid(name, digest=_stamp_digest(source, unit["start"], unit["stop"])):
-            return pos, k, kept
-        state.skipped.extend(Problem(**p) for p in unit["skipped"])
-        state.repaired.extend(unit["repaired"])
-        pos, k, kept = unit["stop"], k + 1, kept + len(unit["members"])
-
-
-def _stamp_digest(source: Source, start: int, stop: int) -> str:
-    h = hashlib.sha256()
-    for i in range(start, stop):
-        h.update(f"{source.origin(i)}|{int(source.labels[i])}|{source.stamp(i)}\n".encode())
-    return h.hexdigest()
-
-
-def _worker_pool(opts: ConvertOptions) -> Any:
-    """One pool per conversion (worker start-up is paid once); None means encode in this process."""
-    if opts.workers == 0:
-        init_worker(opts.image)
-        return contextlib.nullcontext(None)
-    # spawn: forking a process that runs torch or tqdm threads can deadlock; the workers only import
-    # dnet_fast.convert.encode (Pillow, NumPy).
-    return mp.get_context("spawn").Pool(opts.workers, initializer=init_worker, initargs=(opts.image,))
-
-
-class _Results:
-    """Ordered (index, Prepared | BadImage) results with a progress bar (images/s, ETA)."""
-
-    def __init__(self, pool: Any, source: Source, todo: list[int], opts: ConvertOptions, desc: str) -> None:
-        tasks = (source.task(i) for i in todo)
-        if pool is None:
-            self._it = map(encode_task, tasks)
-        else:
-            self._it = pool.imap(
-                encode_task, tasks, chunksize=max(1, min(64, len(todo) // (8 * opts.workers)))
-            )
-        self._bar = tqdm(
-            total=len(todo),
-            desc=desc,
-            unit="img",
-            disable=not opts.progress or not todo,
-            file=sys.stderr,
-            mininterval=0.5,
-            smoothing=0.1,
-        )
-
-    def __iter__(self) -> Iterator[tuple[int, Prepared | BadImage]]:
-        for item in self._it:
-            self._bar.update(1)
-            yield item
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Betons, samples.tsv, report and meta.json.
 
 
 def _split_shards(journal: Journal, split: str) -> list[str]:
-    names = sorted(
-        (n for n in journal.units if n.startswith(f"{split}/shard/")), key=lambda n: int(n.rsplit("/", 1)[1])
-    )
-    return [next(f for f in journal.units[n]["files"] if f.endswith(".tar")) for n in names]
+    units = journal.shard_units(split)
+    return [next(f for f in journal.units[n]["files"] if f.endswith(".tar")) for n in units]
 
 
 def _members(journal: Journal, split: str) -> list[int]:
-    names = sorted(
-        (n for n in journal.units if n.startswith(f"{split}/shard/")), key=lambda n: int(n.rsplit("/", 1)[1])
-    )
-    return [i for n in names for i in journal.units[n]["members"]]
+    return [i for n in journal.shard_units(split) for i in journal.units[n]["members"]]
 
 
 def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptions, journal: Journal) -> None:
@@ -483,7 +272,7 @@ def _write_tsv(out: Path, split: str, source: Source, members: list[int]) -> str
 
 
 def _finish(
-    out: Path, inp: DatasetInput, opts: ConvertOptions, journal: Journal, state: _RunState, fingerprint: str
+    out: Path, inp: DatasetInput, opts: ConvertOptions, journal: Journal, state: RunState, fingerprint: str
 ) -> dict[str, Any]:
     splits, counts = {}, {}
     extra_files = []

@@ -1,4 +1,4 @@
-"""Split-file reading and validation: lines, paths, labels, duplicates, statistics and git blob ids."""
+"""Split-file reading and validation: lines, paths, labels, duplicates, statistics, git blob ids; bad-input errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import numpy as np
 from dnet_fast.data.groups import group_sizes
 
 __all__ = [
+    "MAX_LISTED",
+    "ConversionError",
     "Entry",
     "Problem",
     "SplitFile",
@@ -22,6 +24,8 @@ __all__ = [
     "read_split",
     "split_stats",
 ]
+
+MAX_LISTED = 20  # bad entries or files named in one error message
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,20 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.kind}: {self.detail}"
+
+
+class ConversionError(RuntimeError):
+    """Bad input (default mode) or an inconsistent output directory; the message names files and lines."""
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[Problem]) -> ConversionError:
+        """The error that stops a conversion on bad input, listing the first ``MAX_LISTED`` problems."""
+        lines = [str(p) for p in problems[:MAX_LISTED]]
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        return cls(
+            f"{len(problems)} bad input entr{'y' if len(problems) == 1 else 'ies'} (fix them or pass --skip-bad "
+            "to skip and list them in report.json):\n  " + "\n  ".join(lines) + more
+        )
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import mmap
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from dnet_fast.convert.atomic import TMP_SUFFIX, atomic_path, fsync_dir
+from dnet_fast.atomic import atomic_path, publish, tmp_path_for
 
 __all__ = ["INDEX_VERSION", "ShardReader", "ShardWriter", "read_index", "sample_key"]
 
@@ -36,7 +35,7 @@ class ShardWriter:
     def __init__(self, tar_path: str | Path) -> None:
         self.tar_path = Path(tar_path)
         self.idx_path = self.tar_path.with_suffix(".idx")
-        self._tmp = self.tar_path.with_name(self.tar_path.name + TMP_SUFFIX)
+        self._tmp = tmp_path_for(self.tar_path)
         # Held open across add() calls; close() or abort() releases it.
         self._file = open(self._tmp, "wb")  # noqa: SIM115
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
@@ -65,14 +64,11 @@ class ShardWriter:
     def close(self) -> None:
         """Finishes the tar, writes the index, and renames both to their final names (index first)."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         # Index first: an index without its tar is an orphan the next run deletes; a tar is never indexless.
         with atomic_path(self.idx_path) as idx_tmp:
             idx_tmp.write_text(f"{INDEX_VERSION} {len(self._lines)}\n" + "\n".join(self._lines) + "\n")
-        self._tmp.replace(self.tar_path)
-        fsync_dir(self.tar_path.parent)
+        publish(self._tmp, self.tar_path)
 
     def abort(self) -> None:
         """Discards the temporary files (used when conversion stops)."""

@@ -17,6 +17,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LOADERS",
+    "Batch",
     "DataBundle",
     "FileSplit",
     "Loader",
@@ -30,6 +31,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DATASETS: Registry = Registry("dataset")  # name -> build(cfg: DataConfig, seed: int) -> DataBundle
 LOADERS: Registry = Registry("loader")  # name -> build(split, spec: LoaderSpec) -> Loader
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x float32 (B, 3, H, W) normalised on the device, y int64 (B,))
 
 
 def _as_labels(labels: Any) -> np.ndarray:
@@ -225,7 +228,7 @@ class LoaderSpec:
 class Loader(Protocol):
     """What a LOADERS constructor returns."""
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int) -> Iterator[Batch]:
         """Yields ``(x, y)``: x float32 (B, 3, H, W) normalised on the device, y int64 (B,)."""
         ...
 

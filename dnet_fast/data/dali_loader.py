@@ -8,14 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dnet_fast.data.base import LOADERS, LoaderSpec
-from dnet_fast.data.loaders import epoch_indices
+from dnet_fast.data.base import LOADERS, Batch, LoaderSpec
+from dnet_fast.data.loaders import epoch_indices, num_batches, require_module, to_device_batch
 from dnet_fast.data.shards import ShardSplit
-from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size, normalize
+from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size
 
 __all__ = ["DaliLoader", "build_dali", "read_webdataset_labels"]
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _mirror_normalize(images: Any, spec: LoaderSpec) -> Any:
@@ -116,10 +114,7 @@ class DaliLoader:
         return enc, [self.split.labels[i : i + 1] for i in rows]
 
     def __len__(self) -> int:
-        n = len(self.split)
-        if not self.spec.train:
-            return -(-n // self.spec.batch_size)
-        return -(-n // self.spec.world_size) // self.spec.batch_size
+        return num_batches(len(self.split), self.spec)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on; see ``Loader``."""
@@ -135,16 +130,10 @@ class DaliLoader:
                 images, labels = self.pipe.run()
             except StopIteration:
                 break
-            x = to_torch_tensor(
-                images.as_tensor(), copy=True
-            )  # train (B, 3, h, w) float32; eval (B, h, w, 3) uint8
+            # x: train (B, 3, h, w) float32, eval (B, h, w, 3) uint8
+            x = to_torch_tensor(images.as_tensor(), copy=True)
             y = to_torch_tensor(labels.as_tensor(), copy=True).view(-1)
-            x = (
-                x.to(self.device)
-                if x.dtype == torch.float32
-                else normalize(x.to(self.device), spec.mean, spec.std)
-            )
-            yield x, y.to(self.device, non_blocking=True)
+            yield to_device_batch(x, y, spec)
         self.pipe.reset()
         self._running = False
 
@@ -192,9 +181,6 @@ def read_webdataset_labels(split: ShardSplit, batch_size: int = 64) -> np.ndarra
 @LOADERS.register("dali")
 def build_dali(split: ShardSplit, spec: LoaderSpec) -> DaliLoader:
     """The DALI loader (needs ``pip install nvidia-dali-cuda130``)."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as err:
-        msg = "the dali loader needs nvidia-dali-cuda130 (see docs/INSTALL or the Makefile's dali target)"
-        raise ImportError(msg) from err
+    hint = "the dali loader needs nvidia-dali-cuda130 (see docs/INSTALL or the Makefile's dali target)"
+    require_module("nvidia.dali", hint)
     return DaliLoader(split, spec)

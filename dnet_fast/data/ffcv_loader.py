@@ -9,14 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dnet_fast.data.base import LOADERS, LoaderSpec
-from dnet_fast.data.loaders import epoch_indices
+from dnet_fast.data.base import LOADERS, Batch, LoaderSpec
+from dnet_fast.data.loaders import epoch_indices, num_batches, require_module, to_device_batch
 from dnet_fast.data.shards import ShardSplit
-from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size, normalize
+from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size
 
 __all__ = ["FfcvLoader", "build_ffcv"]
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @cache
@@ -125,33 +123,19 @@ class FfcvLoader:
         return np.asarray(self.split.rows, dtype=np.int64)[order]
 
     def __len__(self) -> int:
-        n = len(self.split)
-        if not self.spec.train:
-            return -(-n // self.spec.batch_size)
-        return -(-n // self.spec.world_size) // self.spec.batch_size
+        return num_batches(len(self.split), self.spec)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on; see ``Loader``."""
-        spec = self.spec
-        inside = _normalizes_inside(spec, self.device)
         self._start = start
         self._loader.next_epoch = epoch  # FFCV passes this to sample_order
         for images, labels in self._loader:
-            # Normalised batches are FFCV's ring buffers: valid until the loader has produced two more batches.
-            x = (
-                images
-                if inside
-                else normalize(images.to(self.device, non_blocking=True), spec.mean, spec.std)
-            )
-            yield x, labels.to(self.device, dtype=torch.int64, non_blocking=True)  # x: (B, 3, h, w) float32
+            # Batches normalised inside FFCV are its ring buffers: valid until it has produced two more batches.
+            yield to_device_batch(images, labels, self.spec)  # x: (B, 3, h, w) float32
 
 
 @LOADERS.register("ffcv")
 def build_ffcv(split: ShardSplit, spec: LoaderSpec) -> FfcvLoader:
     """The FFCV loader (needs ``pip install ffcv`` and a directory converted with FFCV output)."""
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as err:
-        msg = "the ffcv loader needs ffcv (see docs/INSTALL or the Makefile's ffcv target)"
-        raise ImportError(msg) from err
+    require_module("ffcv", "the ffcv loader needs ffcv (see docs/INSTALL or the Makefile's ffcv target)")
     return FfcvLoader(split, spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dnet_fast import sampling
-from dnet_fast.data.base import LOADERS, DataBundle, FileSplit, LoaderSpec, TensorSplit
+from dnet_fast.data.base import LOADERS, Batch, DataBundle, FileSplit, LoaderSpec, TensorSplit
 from dnet_fast.data.transforms import (
     batch_generator,
     draw_params,
@@ -32,10 +33,11 @@ __all__ = [
     "epoch_indices",
     "eval_batches",
     "make_loader",
+    "num_batches",
     "open_image",
+    "require_module",
+    "to_device_batch",
 ]
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def epoch_indices(labels: np.ndarray, spec: LoaderSpec, epoch: int) -> np.ndarray:
@@ -53,11 +55,33 @@ def epoch_indices(labels: np.ndarray, spec: LoaderSpec, epoch: int) -> np.ndarra
     )
 
 
-def _num_batches(num_samples: int, spec: LoaderSpec) -> int:
+def num_batches(num_samples: int, spec: LoaderSpec) -> int:
+    """Batches per epoch: every sample once (eval), or this rank's share with the last partial batch dropped."""
     if not spec.train:
         return -(-num_samples // spec.batch_size)  # every sample once, last batch partial
     per_rank = -(-num_samples // spec.world_size)  # epoch_order gives every rank ceil(N / world_size)
     return per_rank // spec.batch_size  # drop the last partial batch: static shapes
+
+
+def to_device_batch(images: torch.Tensor, labels: torch.Tensor, spec: LoaderSpec) -> Batch:
+    """A decoded batch moved to ``spec.device`` and normalised there.
+
+    uint8 (B, h, w, 3) images go through the shared ``transforms.normalize``, so every loader's eval output is the
+    same function of the pixels; float32 (B, 3, h, w) images, already normalised by a decoder's fused op, only move.
+    """
+    device = torch.device(spec.device)
+    x = images.to(device, non_blocking=True)
+    if x.dtype != torch.float32:
+        x = normalize(x, spec.mean, spec.std)  # (B, 3, h, w)
+    return x, labels.to(device, dtype=torch.int64, non_blocking=True)
+
+
+def require_module(name: str, hint: str) -> None:
+    """Imports the optional dependency ``name`` of a loader, or raises ImportError with ``hint`` (how to get it)."""
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(hint) from err
 
 
 def open_image(split: TensorSplit | FileSplit, i: int) -> Image.Image:
@@ -110,7 +134,7 @@ class ResidentLoader:
         self.labels = torch.from_numpy(split.labels).to(self.device)  # (N,) int64
 
     def __len__(self) -> int:
-        return _num_batches(len(self.labels_np), self.spec)
+        return num_batches(len(self.labels_np), self.spec)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
@@ -185,7 +209,7 @@ class NaiveLoader:
         self.labels_np = split.labels
 
     def __len__(self) -> int:
-        return _num_batches(len(self.labels_np), self.spec)
+        return num_batches(len(self.labels_np), self.spec)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
@@ -203,8 +227,7 @@ class NaiveLoader:
             pin_memory=self.device.type == "cuda",
         )
         for pixels, labels in loader:
-            x = normalize(pixels.to(self.device, non_blocking=True), spec.mean, spec.std)  # (B, 3, h, w)
-            yield x, labels.to(self.device, non_blocking=True)
+            yield to_device_batch(pixels, labels, spec)
 
 
 @LOADERS.register("resident")

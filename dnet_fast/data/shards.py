@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,12 @@ import numpy as np
 import torch
 
 from dnet_fast.config import DataConfig
+from dnet_fast.convert.journal import META_NAME, file_ok, read_meta
 from dnet_fast.convert.wds import ShardReader
 from dnet_fast.data.base import DATASETS, DataBundle, FileSplit, TensorSplit
 from dnet_fast.data.splits import draw_per_class
 
 __all__ = ["ShardSplit", "build_shards", "decode_split", "load_meta", "open_split"]
-
-META_NAME = "meta.json"
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,15 +88,13 @@ def load_meta(root: str | Path) -> dict[str, Any]:
         FileNotFoundError: no meta.json (not a converted directory, or an interrupted conversion) or a file gone.
     """
     root = Path(root)
-    path = root / META_NAME
-    if not path.is_file():
+    meta = read_meta(root)
+    if meta is None:
         msg = f"{root}: no {META_NAME}: not a converted shard directory, or its conversion did not finish"
         raise FileNotFoundError(msg)
-    meta = json.loads(path.read_text())
     for name, rec in meta["files"].items():
-        p = root / name
-        if not p.is_file() or p.stat().st_size != rec["bytes"]:
-            msg = f"{root}: {name} is missing or has changed size since conversion (see {path})"
+        if not file_ok(root / name, rec, checksum=False):
+            msg = f"{root}: {name} is missing or has changed size since conversion (see {root / META_NAME})"
             raise FileNotFoundError(msg)
     return meta
 

@@ -127,11 +127,19 @@ def _fallback_boxes(hh: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(x/255 − mean)/std for uint8 or 0..255 float (B, H, W, 3) input; returns float32 (B, 3, H, W)."""
+    """(x/255 − mean)/std for uint8 or 0..255 float (B, H, W, 3) input; returns contiguous float32 (B, 3, H, W).
+
+    One output buffer: a single copy converts the dtype and the layout, then the arithmetic runs in place (the
+    out-of-place form allocated five batch-sized tensors; allocating and first touching each one, not the maths,
+    was most of its time). The operations and their order are those of the out-of-place form, so the values are
+    bit-identical to it on every device.
+    """
+    b, h, w, _ = x.shape
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    x = x.permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
-    return ((x / 255.0 - m) / s).contiguous()
+    out = torch.empty((b, 3, h, w), dtype=torch.float32, device=x.device)
+    out.copy_(x.permute(0, 3, 1, 2))  # (B, 3, H, W)
+    return out.div_(255.0).sub_(m).div_(s)
 
 
 def cifar_crop_flip(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The tiny float64 meta-learning problem shared by the meta-mode and training-step tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dnet_fast.config import DiffNetConfig, MetaConfig, TrainConfig
+
+__all__ = [
+    "ACC",
+    "B",
+    "C",
+    "LAMBDA",
+    "M",
+    "TinyNet",
+    "batch",
+    "flat_grad",
+    "meta_config",
+    "tiny_param_groups",
+]
+
+C, B, M = 5, 8, 6  # classes, train batch, meta batch
+LAMBDA = 0.3  # λ of the driver loss
+ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
+
+
+class TinyNet(nn.Module):
+    """conv → BN → ReLU → global average pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def meta_config(mode: str, grad: str = "jvp", **diffnet: object) -> TrainConfig:
+    """The tests' config: an 8-unit Difficulty-Net (``diffnet`` overrides its fields), λ = LAMBDA, a 6-unit MWN."""
+    return TrainConfig(
+        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2, **diffnet),
+        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
+    )
+
+
+def tiny_param_groups(model: TinyNet, backbone_lr: float, head_lr: float, **head: object) -> list[dict]:
+    """Two SGD groups on purpose: backbone (conv, BN) and head (fc, with extra options ``head``)."""
+    return [
+        {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": backbone_lr},
+        {"params": list(model.fc.parameters()), "lr": head_lr, **head},
+    ]
+
+
+def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """A train batch (x, y) and a balanced meta batch, a pure function of ``step``."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
+    return x, y, (xm, torch.arange(M) % C)
+
+
+def flat_grad(net: nn.Module) -> Tensor:
+    """The ``.grad`` of every parameter of ``net``, flattened and concatenated."""
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
