@@ -9,7 +9,7 @@ SEEDS ?= 0 1 2
 DEMO_OUT ?= runs/demo
 
 CORE_DEPS := torch numpy pyyaml tqdm tensorboard pillow scikit-build-core pybind11 ninja
-TEST_DEPS := pytest hypothesis webdataset matplotlib ruff
+TEST_DEPS := pytest pytest-timeout hypothesis webdataset matplotlib ruff
 # Optional loaders (extras ffcv, dali); ffcv builds from source against OpenCV and libjpeg-turbo (apt packages).
 EXTRA_DEPS := nvidia-dali-cuda130 numba webdataset
 APT_DEPS := pkg-config libturbojpeg0-dev libopencv-dev

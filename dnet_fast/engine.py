@@ -15,7 +15,15 @@ from torch import nn
 
 from dnet_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dnet_fast.config import TrainConfig, config_from_dict, config_to_dict
-from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, eval_batches, group_accuracies, make_loader
+from dnet_fast.data import (
+    DATASETS,
+    DataBundle,
+    LoaderSpec,
+    MetaSet,
+    eval_batches,
+    group_accuracies,
+    make_loader,
+)
 from dnet_fast.losses import build_loss
 from dnet_fast.meta import build_meta_mode
 from dnet_fast.metrics import DeviceClassCounter
@@ -263,10 +271,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     acc = progress_state["acc"]
     if acc is None:
         acc = _initial_accuracy(s)
-    epochs_run = 0
-    for epoch in range(progress_state["epoch"], cfg.optim.epochs):
-        if stop_after is not None and epochs_run >= stop_after:
-            break
+    first = progress_state["epoch"]
+    last = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, first + stop_after)
+    for epoch in range(first, last):
         apply_lr(s.optimizer, lr_factor(epoch, cfg.optim))
         s.meta.set_class_accuracy(acc.to(s.device))
         s.criterion.start_epoch(epoch, acc.to(s.device))
@@ -287,7 +294,6 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         save_checkpoint(out / "last.pt", state)
         if cfg.run.select == "val" and improved:
             save_checkpoint(out / "best.pt", state)
-        epochs_run += 1
     results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
     log.write_json("results.json", results)
     log.close()

@@ -194,8 +194,27 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
     return pixels, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
+class _EpochKeys:
+    """Batch sampler of ``(index, epoch, batch, row)`` keys for one epoch; the epoch is set before iterating."""
+
+    def __init__(self, labels: np.ndarray, spec: LoaderSpec) -> None:
+        self.labels, self.spec = labels, spec
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return num_batches(len(self.labels), self.spec) - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        bs, order = self.spec.batch_size, epoch_indices(self.labels, self.spec, self.epoch).tolist()
+        for b in range(self.start, num_batches(len(self.labels), self.spec)):
+            yield [(i, self.epoch, b, r) for r, i in enumerate(order[b * bs : (b + 1) * bs])]
+
+
 class NaiveLoader:
     """A torch ``DataLoader`` with ``spec.workers`` processes; order from ``sampling.epoch_order``.
+
+    The workers persist across epochs and start from a fork server: forking the training process directly can
+    deadlock a worker when other libraries (DALI, FFCV, OpenMP) have threads holding locks at fork time.
 
     Args:
         split: a TensorSplit or FileSplit.
@@ -207,27 +226,26 @@ class NaiveLoader:
         self.device = torch.device(spec.device)
         self.dataset = ImageDataset(split, spec)
         self.labels_np = split.labels
+        self._keys = _EpochKeys(split.labels, spec)
+        workers = spec.workers > 0
+        self._loader = DataLoader(
+            self.dataset,
+            batch_sampler=self._keys,
+            num_workers=spec.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers,
+            multiprocessing_context="forkserver" if workers else None,
+        )
 
     def __len__(self) -> int:
         return num_batches(len(self.labels_np), self.spec)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
-        spec, bs = self.spec, self.spec.batch_size
-        order = epoch_indices(self.labels_np, spec, epoch).tolist()
-        keys = [
-            [(i, epoch, b, r) for r, i in enumerate(order[b * bs : (b + 1) * bs])]
-            for b in range(start, len(self))
-        ]
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=keys,
-            num_workers=spec.workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-        )
-        for pixels, labels in loader:
-            yield to_device_batch(pixels, labels, spec)
+        self._keys.epoch, self._keys.start = epoch, start
+        for pixels, labels in self._loader:
+            yield to_device_batch(pixels, labels, self.spec)
 
 
 @LOADERS.register("resident")
