@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from benchmarks import runner
+from benchmarks import e2e_epoch, report, runner
+from benchmarks.e2e_data import (
+    OfficialStyleDataset,
+    decode_split,
+    places_lt_counts,
+    scaled_counts,
+    textured_image,
+    write_jpegs,
+)
 from benchmarks.harness import BENCHMARKS, Benchmark, Ratio, Timing, environment, timeit, write_json
+from benchmarks.loopstats import TimedLoop
 from benchmarks.naive import (
     NaiveExactStep,
     NaiveState,
@@ -168,28 +180,119 @@ def test_runner_lists_discovered_benchmarks(capsys):
     assert "step" in capsys.readouterr().out
 
 
-def test_step_benchmark_quick_smoke(tmp_path):
-    out = tmp_path / "step"
-    assert (
-        runner.main(
-            [
-                "--quick",
-                "--cpu",
-                "--threads",
-                "1",
-                "--only",
-                "step",
-                "--out",
-                str(out),
-                "--repeats",
-                "1",
-                "--warmup",
-                "0",
-            ]
-        )
-        == 0
-    )
+class _Counter:
+    """A variant callable that counts its calls, split by the runner's ``recording`` flag."""
+
+    def __init__(self):
+        self.recording = False
+        self.calls = {True: 0, False: 0}
+
+    def __call__(self):
+        self.calls[self.recording] += 1
+
+
+class _Hooked(_Toy):
+    name = "hooked"
+    seen: dict = {}
+
+    def variants(self, params):
+        return ["loop", "vector"]
+
+    def profile_for(self, params, profile):
+        return dataclasses.replace(profile, warmup=1, repeats=3, rounds=2)
+
+    def sequential(self, params):
+        return params["n"] == 8
+
+    def prepare(self, variant):
+        fn = _Counter()
+        type(self).seen[variant] = fn
+        return fn
+
+    def metrics(self, variant):
+        return {"timed_calls": self.seen[variant].calls[True], "warmup_calls": self.seen[variant].calls[False]}
+
+    def release(self, variant):
+        type(self).seen[variant + "_released"] = True
+
+    def time_scale(self, variant):
+        return 10.0 if variant == "vector" else 1.0
+
+    def derived(self, point):
+        return {
+            "tables": [{"title": "derived table", "columns": ["variant", "x"], "rows": [{"variant": "a", "x": 1.5}]}],
+            "targets": [{"name": "x target", "value": 1.5, "target": 2.0, "op": ">=", "passed": False}],
+        }
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_runner_hooks(tmp_path, monkeypatch, quick):
+    monkeypatch.setitem(BENCHMARKS._items, "hooked", _Hooked)
+    monkeypatch.setattr(_Hooked, "seen", {})
+    out = tmp_path / "bench"
+    argv = ["--cpu", "--threads", "1", "--only", "hooked", "--out", str(out), "--set", "k=3", "--rounds", "1"]
+    assert runner.main([*(["--quick"] if quick else []), *argv]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["profile"]["extra"] == {"k": 3}
+    (point,) = payload["benchmarks"][0]["points"]
+    assert point["timing_profile"] == {"warmup": 1, "repeats": 3, "rounds": 2}
+    for name, row in point["variants"].items():
+        assert row["metrics"] == {"timed_calls": 6, "warmup_calls": 2}, name  # warm-up never recorded
+    assert point["variants"]["vector"]["time_scale"] == 10.0
+    assert bool(_Hooked.seen.get("loop_released")) is quick  # sequential (n == 8, quick) releases each variant
+    md = (out / "results.md").read_text()
+    assert "In-loop measurements" in md
+    assert "**derived table**" in md
+    assert "| x target | 1.5 | >= 2 | **MISSED** |" in md
+    assert "timed on 1/10, scaled" in md
+    png = out / "results.png"
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_runner_budget_skips_later_points(tmp_path, toy_registered):
+    out = tmp_path / "bench"
+    assert runner.main(["--quick", "--cpu", "--only", "toy", "--out", str(out), "--budget-s", "1e-9"]) == 0
     (point,) = json.loads((out / "results.json").read_text())["benchmarks"][0]["points"]
+    assert point["skipped"] == {"*": "time budget exhausted (--budget-s)"}
+    assert "time budget exhausted" in (out / "results.md").read_text()
+
+
+def test_runner_rejects_malformed_set(tmp_path, toy_registered):
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        runner.main(["--quick", "--cpu", "--only", "toy", "--out", str(tmp_path), "--set", "novalue"])
+
+
+def test_report_without_matplotlib_writes_no_png(tmp_path, monkeypatch, toy_registered):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    out = tmp_path / "bench"
+    assert runner.main(["--quick", "--cpu", "--threads", "1", "--only", "toy", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "toy.json"]
+
+
+def test_runner_writes_png_per_benchmark(tmp_path, toy_registered):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    assert runner.main(["--quick", "--cpu", "--threads", "1", "--only", "toy", "--out", str(out)]) == 0
+    for name in ("results.png", "toy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_lists_every_registered_benchmark(capsys):
+    assert runner.main(["--list"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {"e2e", "engine", "loaders", "step"} <= listed
+
+
+def _quick_point(name: str, out) -> dict:
+    """Runs benchmark ``name`` once (quick profile, CPU, one thread, no warm-up); returns its only grid point."""
+    quick = ["--quick", "--cpu", "--threads", "1", "--repeats", "1", "--warmup", "0"]
+    assert runner.main([*quick, "--only", name, "--out", str(out)]) == 0
+    (point,) = json.loads((out / "results.json").read_text())["benchmarks"][0]["points"]
+    return point
+
+
+def test_step_benchmark_quick_smoke(tmp_path):
+    point = _quick_point("step", tmp_path / "step")
     assert "error" not in point
     measured = set(point["variants"]) | set(point["skipped"])
     assert {
@@ -207,26 +310,136 @@ def test_step_benchmark_quick_smoke(tmp_path):
     }
 
 
+def _quick_run(name: str, out) -> dict:
+    """Runs benchmark ``name`` with the quick profile on the CPU; returns the whole payload."""
+    quick = ["--quick", "--cpu", "--threads", "1", "--repeats", "1", "--warmup", "0"]
+    assert runner.main([*quick, "--only", name, "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
 def test_e2e_benchmark_quick_smoke(tmp_path):
-    out = tmp_path / "e2e"
-    argv = [
-        "--quick",
-        "--cpu",
-        "--threads",
-        "1",
-        "--only",
-        "e2e",
-        "--out",
-        str(out),
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-    ]
-    assert runner.main(argv) == 0
-    (point,) = json.loads((out / "results.json").read_text())["benchmarks"][0]["points"]
-    assert "error" not in point
-    assert set(point["variants"]) | set(point["skipped"]) == {"official", "off", "driver", "exact"}
+    payload = _quick_run("e2e", tmp_path / "e2e")
+    points = payload["benchmarks"][0]["points"]
+    assert [p["params"]["name"] for p in points] == ["cifar_quick", "places_quick"]
+    for point in points:
+        assert "error" not in point, point.get("error")
+        assert set(point["variants"]) | set(point["skipped"]) == {"official", "off", "driver", "exact"}
+        assert point["timing_profile"] == {"warmup": 0, "repeats": 1, "rounds": 1}
+        for name, row in point["variants"].items():
+            m = row["metrics"]
+            assert m["iterations"] == point["params"]["iters"], name  # timed calls only, not the warm-up
+            assert 0.0 <= m["data_wait_share_host"] <= 1.0
+            assert m["first_iter_s"] > 0
+        assert point["variants"]["official"]["metrics"]["loader_start_s"] > 0
+        titles = [t["title"] for t in point["derived"]["tables"]]
+        assert any("extrapolated, not measured" in t for t in titles)
+        assert any(t.startswith("A_C evaluation cost") for t in titles)
+        assert point["derived"]["targets"] == []  # absolute targets are GPU-only
+        assert {"official", "engine", "resident", "images"} <= set(point["derived"]["eval_costs_s_per_image"])
+        ratio = next(r for r in point["ratios"] if r["name"].startswith("driver e2e speed-up"))
+        assert ratio["target"] == 1.0
+    md = (tmp_path / "e2e" / "results.md").read_text()
+    assert "In-loop measurements" in md
+    assert "extrapolated, not measured" in md
+
+
+def test_engine_suite_quick_smoke(tmp_path):
+    payload = _quick_run("engine", tmp_path / "engine")
+    points = {p["params"]["name"]: p for p in payload["benchmarks"][0]["points"]}
+    assert set(points) == {"meta_sampling", "epoch_order", "counting", "logits"}
+    for point in points.values():
+        assert "error" not in point, point.get("error")
+        assert not point["skipped"]
+        assert point["variants"]["cpp"]["speedup_vs_baseline"] == 1.0
+    counting = points["counting"]["variants"]
+    assert counting["official_item_loop"]["time_scale"] == 100.0  # timed on 1,000 of 100,000 predictions
+    assert counting["cpp"]["time_scale"] == 1.0
+    assert points["counting"]["derived"]["tables"][0]["title"] == "Input throughput"
+    names = {r["name"] for r in points["meta_sampling"]["ratios"]}
+    assert "official Python ClassAwareSampler / C++" in names
+
+
+def test_e2e_grid_selects_points_and_overrides():
+    from benchmarks.bench_e2e import E2EBenchmark
+    from benchmarks.harness import Profile
+
+    grid = E2EBenchmark().grid(Profile(device="cuda", extra={"points": "r50_224", "cudnn_benchmark": True}))
+    assert [(p["name"], p["model"], p["cudnn_benchmark"]) for p in grid] == [("r50_224", "resnet50", True)]
+    assert [p["name"] for p in E2EBenchmark().grid(Profile())] == ["cifar_r32", "r50_tiny"]
+    gpu = {p["name"]: p for p in E2EBenchmark().grid(Profile(device="cuda"))}
+    assert set(gpu) == {"cifar_r32", "r50_224", "r152_224"}
+    assert E2EBenchmark().variants(gpu["r50_224"]) == ["official", "official_bf16", "off", "driver", "exact"]
+    assert E2EBenchmark().sequential(gpu["r50_224"])
+
+
+def test_cli_bench_lists_benchmarks(capsys):
+    from dnet_fast.cli import main
+
+    # ``dnet-fast bench --list`` itself is refused by the CLI's argparse REMAINDER (options right after the
+    # sub-command); the ``--`` form reaches the runner.
+    assert main(["bench", "--", "--list"]) == 0
+    assert "e2e" in capsys.readouterr().out
+
+
+def test_places_lt_counts_fallback_profile(tmp_path):
+    counts, source = places_lt_counts(tmp_path / "missing.txt")
+    assert "fitted" in source
+    assert (len(counts), counts.max(), counts.min()) == (365, 4980, 5)
+    assert abs(int(counts.sum()) - 62_500) < 365  # rounding of 365 classes
+    assert (np.diff(counts) <= 0).all()
+
+
+def test_places_lt_counts_from_split_file(tmp_path):
+    split = tmp_path / "train.txt"
+    split.write_text("a.jpg 1\nb.jpg 1\nc.jpg 0\nd.jpg 1\ne.jpg 2\nf.jpg 2\n")
+    counts, source = places_lt_counts(split)
+    assert counts.tolist() == [3, 2, 1]
+    assert source.startswith("train.txt (sha256 ")
+
+
+def test_scaled_counts_keeps_every_class():
+    counts = np.array([1000, 100, 10, 1])
+    assert scaled_counts(counts, 111).tolist() == [100, 10, 1, 1]
+    assert scaled_counts(counts, 100, classes=2).tolist() == [100, 1]
+
+
+def test_official_style_dataset_items(tmp_path):
+    labels = np.array([0, 1, 1])
+    split = write_jpegs(tmp_path, labels, lambda i: textured_image(np.random.default_rng(i), 40, int(labels[i])))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    train = OfficialStyleDataset(split, "imagenet", train=True, crop=16, mean=mean, std=std)
+    x, y = train[2]
+    assert x.shape == (3, 16, 16)
+    assert x.dtype == torch.float32
+    assert y == 1
+    ev = OfficialStyleDataset(split, "imagenet", train=False, crop=16, mean=mean, std=std)
+    assert ev[0][0].shape == (3, 16, 16)
+    cifar = OfficialStyleDataset(split, "cifar", train=True, crop=40, mean=mean, std=std)
+    assert cifar[0][0].shape == (3, 40, 40)
+    assert decode_split(split).images.shape == (3, 40, 40, 3)
+
+
+def test_timed_loop_counts_recorded_calls_only():
+    seen = []
+    loop = TimedLoop(lambda: len(seen), seen.append, iters=3)
+    loop()  # warm-up: not recorded
+    loop.recording = True
+    loop()
+    stats = loop.stats()
+    assert seen == [0, 1, 2, 3, 4, 5]
+    assert stats["iterations"] == 3
+    assert 0.0 <= stats["data_wait_share_host"] <= 1.0
+    assert "data_share_gpu" not in stats  # CPU: no CUDA events
+
+
+def test_e2e_projection_and_cpu_targets():
+    params = {"batch": 4, "meta_batch": 4, "calls": [0, 2, 1], "iters": 1, "eval_repeats": 1, "eval_images": 8}
+    assert e2e_epoch.projected_point_s(params, 1.0) == pytest.approx(3 * (3 + 1 + 1 + 4.8) + 2 * 8 / 4 + 20)
+    point = {"variants": {"off": {"metrics": {"data_share_gpu": 0.5}, "units_per_s": 10.0}}}
+    gpu = {"device": "cuda", "crop": 224, "batch": 128, "precision": "bf16", "model": "resnet50"}
+    targets = e2e_epoch._targets(gpu, point)
+    assert [t["passed"] for t in targets] == [False, False, None]  # data share, off img/s, exact not measured
+    assert e2e_epoch._targets({**gpu, "device": "cpu"}, point) == []
 
 
 # ----------------------------------------------------------------------------------------------------------
