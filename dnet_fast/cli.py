@@ -60,8 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="table of finished runs (mean ± std over seeds)")
     report.add_argument("runs", nargs="+", help="run directories holding results.json")
 
-    bench = sub.add_parser("bench", help="run the benchmark suite (from a source checkout)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", help="run the benchmark suite from a source checkout (runner's own flags)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
     return parser
 
 
@@ -146,6 +146,10 @@ _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "report"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dnet-fast`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` belongs to the benchmark runner's own parser (--cpu, --only, ...).
+        return _cmd_bench(argparse.Namespace(args=argv[1:]))
     args = get_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)

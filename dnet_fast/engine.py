@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class Session:
     criterion: nn.Module
     meta: Any  # a dnet_fast.meta MetaMode
     loader: Any  # a dnet_fast.data Loader
-    metaset: MetaSet | None
+    valset: MetaSet  # the val (= meta) images, eval-transformed once and kept on the device
     step: TrainStep  # static-buffer step: CUDA-graphed on GPU, eager otherwise
 
 
@@ -103,27 +104,25 @@ def build_session(cfg: TrainConfig) -> Session:
     criterion = build_loss(cfg.loss, bundle.class_counts, cfg.optim.epochs).to(device)
     meta = build_meta_mode(cfg, model, criterion, optimizer, bundle.num_classes)
     loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
-    metaset = None
-    if meta.needs_meta_batch:
-        metaset = MetaSet(
-            bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
-            crop_size=cfg.data.crop_size,
-        )
+    valset = MetaSet(
+        bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
+        crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
+    )
     step = build_train_step(
         meta, model, optimizer, bundle.num_classes, graph=resolve_graph(cfg.run.graph, device),
         precision=cfg.run.precision, channels_last=cfg.model.channels_last, compile_backbone=cfg.run.compile,
     )
-    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, metaset, step)
+    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, valset, step)
 
 
 @torch.no_grad()
-def class_accuracy(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
-                   device: torch.device) -> torch.Tensor:
-    """Per-class accuracy (C,) of ``model`` on ``split`` in eval mode, counted on the device."""
+def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                   cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode, counted on the device."""
     was_training = model.training
     model.eval()
-    counter = DeviceClassCounter(bundle.num_classes, device)
-    for x, y in eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size):
+    counter = DeviceClassCounter(num_classes, device)
+    for x, y in batches:
         with _autocast(cfg, device):
             logits = model(_memory_format(x, cfg))
         counter.update(logits.float(), y)
@@ -131,10 +130,18 @@ def class_accuracy(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainC
     return counter.per_class_accuracy()
 
 
+def _val_accuracy(s: Session) -> torch.Tensor:
+    """A_C on the device-resident val set (no re-decoding per epoch)."""
+    n, bs = len(s.valset), s.cfg.run.eval_batch
+    batches = ((s.valset.images[i : i + bs], s.valset.labels[i : i + bs]) for i in range(0, n, bs))
+    return class_accuracy(s.model, batches, s.bundle.num_classes, s.cfg, s.device)
+
+
 def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
              device: torch.device) -> EvalResult:
     """Balanced top-1 and many/medium/few accuracies (groups from the training counts)."""
-    return evaluate_from_accuracy(class_accuracy(model, split, bundle, cfg, device), split, bundle)
+    batches = eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size)
+    return evaluate_from_accuracy(class_accuracy(model, batches, bundle.num_classes, cfg, device), split, bundle)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -207,7 +214,7 @@ def _initial_accuracy(s: Session) -> torch.Tensor:
     """A_C for epoch 0: zeros (CIFAR presets) or the initial model's val accuracy (ImageNet/Places)."""
     if s.cfg.diffnet.init_acc == "zeros":
         return torch.zeros(s.bundle.num_classes, device=s.device)
-    return class_accuracy(s.model, s.bundle.val, s.bundle, s.cfg, s.device)
+    return _val_accuracy(s)
 
 
 def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple[int, dict[str, Any]]:
@@ -221,8 +228,8 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple
     s.step.counter.reset()
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
-            s.meta.set_class_accuracy(class_accuracy(s.model, s.bundle.val, s.bundle, cfg, s.device))
-        meta_batch = s.metaset.batch(global_step, cfg.meta.meta_batch) if s.metaset is not None else None
+            s.meta.set_class_accuracy(_val_accuracy(s))
+        meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if s.meta.needs_meta_batch else None
         stats = s.step.step(x, y, meta_batch)
         global_step += 1
         images += y.shape[0]
@@ -259,8 +266,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     out = Path(cfg.run.out_dir)
     log = RunLog(out, tensorboard=cfg.run.tensorboard)
     log.write_config(cfg)
-    if s.metaset is not None:
-        log.write_json("meta_set.json", {"indices": [int(i) for i in getattr(s.metaset, "indices", [])]})
+    log.write_json("meta_set.json", {"indices": [int(i) for i in s.valset.indices]})
     progress_state = {"epoch": 0, "global_step": 0, "acc": None, "best_val": -1.0, "best_epoch": -1}
     if resume:
         path = out / "last.pt"
@@ -280,7 +286,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         weights = _weight_stats(s)
         global_step, train_stats = _train_epoch(s, epoch, progress_state["global_step"], log)
         # The val accuracy at the end of epoch e is A_C for epoch e + 1 (the model does not change in between).
-        acc = class_accuracy(s.model, s.bundle.val, s.bundle, cfg, s.device)
+        acc = _val_accuracy(s)
         val = evaluate_from_accuracy(acc, s.bundle.val, s.bundle)
         improved = val.top1 > progress_state["best_val"]
         progress_state = {

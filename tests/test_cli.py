@@ -75,3 +75,12 @@ def test_eval_of_missing_or_corrupt_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["eval", str(bad)]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_bench_passes_its_flags_to_the_runner(monkeypatch):
+    seen = {}
+    import benchmarks.runner
+
+    monkeypatch.setattr(benchmarks.runner, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert main(["bench", "--cpu", "--only", "step"]) == 0
+    assert seen["argv"] == ["--cpu", "--only", "step"]
