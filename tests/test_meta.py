@@ -348,6 +348,24 @@ def test_state_dict_round_trip_continues_identically(mode, grad):
     assert_same_state(a, b)
 
 
+@pytest.mark.parametrize(
+    ("mode", "keys"),
+    [
+        ("off", {"acc"}),
+        ("driver", {"acc", "diffnet", "diffnet_optimizer"}),
+        ("exact", {"acc", "diffnet", "diffnet_optimizer"}),
+        ("mwn", {"acc", "mwn", "mwn_optimizer"}),
+    ],
+)
+def test_state_dict_keys_are_the_checkpoint_layout(mode, keys):
+    """Checkpoints written before the modes shared one state_dict still load: same keys, same contents."""
+    meta = make(mode)
+    state = meta.state_dict()
+    assert set(state) == keys
+    for key, attr in type(meta).aux_state:
+        assert state[key].keys() == getattr(meta, attr).state_dict().keys()
+
+
 def test_off_mode_ignores_class_accuracy_and_has_unit_weights():
     meta = make("off")
     assert not meta.needs_meta_batch

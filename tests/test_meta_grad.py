@@ -10,7 +10,17 @@ from torch.func import functional_call
 
 from dnet_fast.config import DiffNetConfig, MetaConfig, TrainConfig
 from dnet_fast.losses import ClassBalancedCE, CrossEntropy
-from dnet_fast.meta import META_MODES, MetaMode
+from dnet_fast.meta import (
+    META_MODES,
+    BatchNormTrain,
+    ClosedFormBatchNorm,
+    MetaMode,
+    batch_norm_train,
+    batch_norm_train_jvp,
+    functional_layout,
+    loss_jvp,
+    scratch_losses,
+)
 
 C, B, M = 5, 8, 6  # classes, train batch, meta batch
 LAMBDA = 0.3
@@ -168,3 +178,111 @@ def test_mwn_gradient_matches_hand_written_double_backward():
     torch.testing.assert_close(
         flat_grad(meta.vnet), torch.cat([e.flatten() for e in expected]), rtol=1e-10, atol=1e-14
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The closed-form BatchNorm tangent of the jvp pass
+
+
+def _bn_case(shape: tuple[int, ...], affine: bool, channels_last: bool, tangents: str):
+    """Primals (x, γ, β) and tangents (None where absent) of a float64 train-mode BatchNorm."""
+    g = torch.Generator().manual_seed(len(shape) + 10 * affine + 100 * channels_last)
+    c = shape[1]
+    x = (
+        3.0 * torch.randn(shape, generator=g, dtype=torch.float64) + 2.0
+    )  # mean far from 0: tests cancellation
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    xt = torch.randn(shape, generator=g, dtype=torch.float64) if "x" in tangents else None
+    wt = torch.randn(c, generator=g, dtype=torch.float64) if affine and "w" in tangents else None
+    bt = torch.randn(c, generator=g, dtype=torch.float64) if affine and "b" in tangents else None
+    return (x, w, b), (xt, wt, bt)
+
+
+#: (input shape, affine, channels_last) of the BN cases: 4-D NCHW and NHWC, no γ/β, BatchNorm1d (2-D and 3-D).
+_BN_LAYOUTS = [
+    ((6, 4, 5, 5), True, False),
+    ((6, 4, 5, 5), True, True),
+    ((6, 4, 5, 5), False, False),
+    ((7, 3), True, False),
+    ((5, 3, 4), True, False),
+]
+#: Which inputs carry a tangent: all, x only (γ, β fixed), γ and β only (x fixed, the first layer), γ only.
+_BN_CASES = [(*lay, t) for lay in _BN_LAYOUTS for t in ("xwb", "x", "wb", "w") if lay[1] or t == "x"]
+
+
+@pytest.mark.parametrize(("shape", "affine", "channels_last", "tangents"), _BN_CASES)
+def test_batch_norm_jvp_equals_torch_forward_ad(shape, affine, channels_last, tangents):
+    """y_t of `BatchNormTrain` under torch.func.jvp = torch's own forward-mode BN, to 1e-12 in float64."""
+    (x, w, b), (xt, wt, bt) = _bn_case(shape, affine, channels_last, tangents)
+    names = [n for n, t in zip("xwb", (xt, wt, bt), strict=True) if t is not None]
+    prim = dict(zip("xwb", (x, w, b), strict=True))
+    tang = dict(zip("xwb", (xt, wt, bt), strict=True))
+
+    def run(bn):
+        def fn(*vals):
+            full = {**prim, **dict(zip(names, vals, strict=True))}
+            return bn(full["x"], full["w"], full["b"])
+
+        return torch.func.jvp(fn, tuple(prim[n] for n in names), tuple(tang[n] for n in names))
+
+    ref_y, ref_t = run(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=1e-5))
+    got_y, got_t = run(lambda x, w, b: batch_norm_train(x, w, b, 1e-5))
+    torch.testing.assert_close(got_y, ref_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_t, ref_t, rtol=0, atol=1e-12)
+    _, mean, invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+    direct = batch_norm_train_jvp(x, mean, invstd, w, xt, wt, bt)  # the formula alone
+    torch.testing.assert_close(direct, ref_t, rtol=0, atol=1e-12)
+
+
+def test_batch_norm_train_backward_equals_torch():
+    (x, w, b), _ = _bn_case((6, 4, 5, 5), True, False, "")
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = torch.autograd.grad(F.batch_norm(leaves[0], None, None, *leaves[1:], training=True), leaves, gy)
+    got = torch.autograd.grad(batch_norm_train(*leaves), leaves, gy)
+    for a, e in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: BatchNormTrain.apply(*t, 1e-5)[0], leaves)
+
+
+def test_closed_form_mode_routes_train_bn_and_passes_eval_bn_through():
+    bn = nn.BatchNorm2d(4).double()
+    (x, _, _), _ = _bn_case((6, 4, 5, 5), True, False, "")
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.running_var.fill_(2.0)
+    expected = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True)
+    with ClosedFormBatchNorm():
+        got = bn(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.equal(bn.running_mean, torch.zeros(4, dtype=torch.float64))  # routed: no running update
+    bn.eval()
+    with ClosedFormBatchNorm():
+        torch.testing.assert_close(
+            bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        )
+
+
+def test_functional_layout_is_channels_last_for_cpu_images_only():
+    x = torch.randn(2, 3, 4, 4)
+    y = functional_layout(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, x)
+    z = torch.randn(2, 3)
+    assert functional_layout(z) is z
+
+
+def test_loss_jvp_equals_plain_forward_ad_per_sample():
+    """The closed-form BN and the channels_last pass change the speed of s = J u, not its value."""
+    meta = make("exact")
+    x, y, _ = batch(0)
+    inner = meta._inner(x, y)
+    g = torch.Generator().manual_seed(7)
+    u = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in inner.params.items()}
+    primals = {n: p.detach() for n, p in inner.params.items()}
+    _, expected = torch.func.jvp(lambda p: scratch_losses(inner, p), (primals,), (u,))
+    torch.testing.assert_close(loss_jvp(inner, u), expected, rtol=1e-12, atol=1e-13)
+    assert torch.equal(meta.model.bn.running_mean, torch.zeros(4, dtype=torch.float64))  # buffers untouched

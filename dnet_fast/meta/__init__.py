@@ -1,0 +1,81 @@
+"""Meta modes (off | driver | exact | mwn) and their named phases; every public name of the package, re-exported."""
+
+from __future__ import annotations
+
+from dnet_fast.meta.forward_ad import (
+    BatchNormTrain,
+    ClosedFormBatchNorm,
+    batch_norm_train,
+    batch_norm_train_jvp,
+    quiet_jvp,
+)
+from dnet_fast.meta.gradient import (
+    Inner,
+    MetaGrad,
+    forward_ad_problem,
+    functional_layout,
+    loss_jvp,
+    meta_gradient,
+    meta_gradient_double_backward,
+    meta_gradient_jvp,
+    scratch_losses,
+)
+from dnet_fast.meta.modes import (
+    META_MODES,
+    DriverMode,
+    ExactMode,
+    MetaMode,
+    MWNMode,
+    OffMode,
+    build_meta_mode,
+)
+from dnet_fast.meta.phases import (
+    Params,
+    Weigher,
+    aux_step,
+    class_weights,
+    driver_loss,
+    loss_denominator,
+    meta_loss,
+    real_step,
+    scratch_buffers,
+    virtual_step,
+    weight_stats,
+    weighted_mean,
+)
+
+__all__ = [
+    "META_MODES",
+    "BatchNormTrain",
+    "ClosedFormBatchNorm",
+    "DriverMode",
+    "ExactMode",
+    "Inner",
+    "MWNMode",
+    "MetaGrad",
+    "MetaMode",
+    "OffMode",
+    "Params",
+    "Weigher",
+    "aux_step",
+    "batch_norm_train",
+    "batch_norm_train_jvp",
+    "build_meta_mode",
+    "class_weights",
+    "driver_loss",
+    "forward_ad_problem",
+    "functional_layout",
+    "loss_denominator",
+    "loss_jvp",
+    "meta_gradient",
+    "meta_gradient_double_backward",
+    "meta_gradient_jvp",
+    "meta_loss",
+    "quiet_jvp",
+    "real_step",
+    "scratch_buffers",
+    "scratch_losses",
+    "virtual_step",
+    "weight_stats",
+    "weighted_mean",
+]
