@@ -24,10 +24,8 @@ from dnet_fast.meta import (
     weighted_mean,
 )
 from dnet_fast.models import DifficultyNet, MetaWeightNet
+from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_config, tiny_param_groups
 
-C, B, M = 5, 8, 6  # classes, train batch, meta batch
-LAMBDA = 0.3
-ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
 MOMENTUM, WD, LRS = 0.9, 5e-4, (0.5, 0.3)  # main SGD: backbone lr, head lr
 MODES = [
     ("off", "jvp"),
@@ -39,19 +37,6 @@ MODES = [
 ]
 
 
-class TinyNet(nn.Module):
-    """conv → BN → ReLU → global average pool → linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
 def make(
     mode: str,
     grad: str = "jvp",
@@ -61,35 +46,16 @@ def make(
     **kwargs,
 ) -> MetaMode:
     """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
-    cfg = TrainConfig(
-        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2, normalize=normalize),
-        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
-    )
+    cfg = meta_config(mode, grad, normalize=normalize)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyNet().to(device, torch.float64).train()
-        groups = [
-            {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": LRS[0]},
-            {"params": list(model.fc.parameters()), "lr": LRS[1]},
-        ]
+        groups = tiny_param_groups(model, *LRS)
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
         criterion = (criterion or CrossEntropy()).to(device)
         meta = META_MODES.get(mode)(cfg, model, criterion, optimizer, C, **kwargs)
     meta.set_class_accuracy(ACC.to(device))
     return meta
-
-
-def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """A train batch (x, y) and a balanced meta batch, a pure function of ``step``."""
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (B,), generator=g)
-    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
-    return x, y, (xm, torch.arange(M) % C)
-
-
-def flat_grad(net: nn.Module) -> Tensor:
-    return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 def driver_grad(diffnet: nn.Module) -> Tensor:

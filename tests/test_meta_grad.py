@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dnet_fast.config import DiffNetConfig, MetaConfig, TrainConfig
 from dnet_fast.losses import ClassBalancedCE, CrossEntropy
 from dnet_fast.meta import (
     META_MODES,
@@ -21,24 +20,9 @@ from dnet_fast.meta import (
     loss_jvp,
     scratch_losses,
 )
+from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_config, tiny_param_groups
 
-C, B, M = 5, 8, 6  # classes, train batch, meta batch
-LAMBDA = 0.3
-ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05], dtype=torch.float64)  # (C,) accuracy A
 LRS = {"conv": 0.5, "bn": 0.5, "fc": 0.3}  # α per param group (backbone, head): two groups on purpose
-
-
-class TinyNet(nn.Module):
-    """conv → BN → ReLU → global average pool → linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def tiny_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -50,38 +34,19 @@ def tiny_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
 
 def make(mode: str, grad: str = "jvp", criterion: nn.Module | None = None, **kwargs) -> MetaMode:
     """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
-    cfg = TrainConfig(
-        diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2),
-        meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
-    )
+    cfg = meta_config(mode, grad)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyNet().double().train()
-        groups = [
-            {"params": [*model.conv.parameters(), *model.bn.parameters()], "lr": LRS["conv"]},
-            {"params": list(model.fc.parameters()), "lr": LRS["fc"]},
-        ]
+        groups = tiny_param_groups(model, LRS["conv"], LRS["fc"])
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
         meta = META_MODES.get(mode)(cfg, model, criterion or CrossEntropy(), optimizer, C, **kwargs)
     meta.set_class_accuracy(ACC)
     return meta
 
 
-def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """A train batch (x, y) and a balanced meta batch, a pure function of ``step``."""
-    g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (B,), generator=g)
-    xm = torch.randn(M, 3, 5, 5, generator=g, dtype=torch.float64)
-    return x, y, (xm, torch.arange(M) % C)
-
-
 def aux_net(meta: MetaMode) -> nn.Module:
     return meta.diffnet if meta.diffnet is not None else meta.vnet
-
-
-def flat_grad(net: nn.Module) -> Tensor:
-    return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 def bilevel_objective(
