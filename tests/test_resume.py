@@ -50,3 +50,16 @@ def test_resume_refuses_a_different_config(tiny_overrides, tmp_path):
     other = load_config(None, [*tiny_overrides, "meta.mode=driver", "optim.lr=0.5"])
     with pytest.raises(ValueError, match=r"optim\.lr"):
         fit(other, resume=True)
+
+
+def test_acc_every_remeasures_class_accuracy_mid_epoch(tiny_overrides, monkeypatch):
+    from dnet_fast import engine
+
+    calls = []
+    real = engine._val_accuracy
+    monkeypatch.setattr(engine, "_val_accuracy", lambda s: calls.append(s) or real(s))
+    cfg = load_config(None, [*tiny_overrides, "meta.mode=driver", "meta.acc_every=2"])
+    fit(cfg)
+    steps = len(engine.build_session(cfg).loader) * cfg.optim.epochs
+    # once before epoch 0 (init_acc=eval), once after each epoch, and at every 2nd step after the first
+    assert len(calls) == 1 + cfg.optim.epochs + (steps - 1) // 2
