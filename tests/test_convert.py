@@ -134,13 +134,13 @@ def test_skip_bad_lists_every_skipped_entry(tree, tmp_path):
 
 _KILLER = """
 import os, signal, sys
-from dnet_fast.convert import wds
-real_add = wds.ShardWriter.add
+from dnet_fast import shardformat
+real_add = shardformat.ShardWriter.add
 def add(self, key, ext, data, label):
     if int(key) == {kill_at}:  # mid-shard: the temporary tar is half written
         os.kill(os.getpid(), signal.SIGKILL)
     real_add(self, key, ext, data, label)
-wds.ShardWriter.add = add
+shardformat.ShardWriter.add = add
 sys.path.insert(0, {tools!r})
 from convert_places_lt import main
 sys.exit(main(sys.argv[1:]))

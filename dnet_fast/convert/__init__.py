@@ -5,7 +5,6 @@ from __future__ import annotations
 from dnet_fast.convert.golden import GOLDEN, Golden, check_golden, summary_lines
 from dnet_fast.convert.images import BadImage, ImageOptions, Prepared
 from dnet_fast.convert.inputs import array_input, read_splits, split_file_input
-from dnet_fast.convert.journal import META_NAME
 from dnet_fast.convert.pipeline import (
     CONVERTER_VERSION,
     ConvertOptions,
@@ -23,7 +22,7 @@ from dnet_fast.convert.splitfile import (
     read_split,
     split_stats,
 )
-from dnet_fast.convert.wds import ShardReader, read_index
+from dnet_fast.shardformat import META_NAME, ShardReader, read_index
 
 __all__ = [
     "CONVERTER_VERSION",

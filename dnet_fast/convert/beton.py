@@ -12,7 +12,7 @@ from PIL import Image
 
 from dnet_fast.atomic import atomic_path
 from dnet_fast.convert.images import ImageOptions, decode_payload
-from dnet_fast.convert.wds import ShardReader
+from dnet_fast.shardformat import ShardReader
 
 __all__ = ["ffcv_available", "write_beton"]
 

@@ -7,43 +7,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dnet_fast.atomic import TMP_SUFFIX, atomic_write_json, sha256_file
+from dnet_fast.atomic import TMP_SUFFIX, atomic_write_json
+from dnet_fast.shardformat import file_ok, file_record
 
-__all__ = [
-    "JOURNAL_NAME",
-    "META_NAME",
-    "REPORT_NAME",
-    "Journal",
-    "file_ok",
-    "file_record",
-    "is_output_name",
-    "read_meta",
-    "remove_tmp_files",
-]
+__all__ = ["JOURNAL_NAME", "REPORT_NAME", "Journal", "is_output_name", "remove_tmp_files"]
 
-META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
 JOURNAL_NAME = "progress.json"  # resume journal of completed units while a conversion runs
 REPORT_NAME = "report.json"
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_]+(-\d{6}\.(tar|idx)|\.beton|\.samples\.tsv)")
-
-
-def read_meta(out: Path) -> dict[str, Any] | None:
-    """The parsed ``out/meta.json``, or None when there is none (not a conversion, or one that did not finish)."""
-    path = out / META_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def file_record(path: str | Path) -> dict[str, Any]:
-    """``{"sha256": ..., "bytes": ...}`` of a file, as stored in the journal and meta.json."""
-    path = Path(path)
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def file_ok(path: Path, rec: dict[str, Any], *, checksum: bool = True) -> bool:
-    """Whether ``path`` exists with the recorded size and (with ``checksum``) the recorded SHA-256."""
-    if not path.is_file() or path.stat().st_size != rec["bytes"]:
-        return False
-    return not checksum or sha256_file(path) == rec["sha256"]
 
 
 def remove_tmp_files(directory: str | Path) -> list[Path]:

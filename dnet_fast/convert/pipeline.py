@@ -11,24 +11,23 @@ from typing import Any
 
 import numpy as np
 
-from dnet_fast.atomic import atomic_path, atomic_write_json
+from dnet_fast.atomic import atomic_write_json
 from dnet_fast.convert.images import ImageOptions
-from dnet_fast.convert.journal import (
-    JOURNAL_NAME,
-    META_NAME,
-    REPORT_NAME,
-    Journal,
-    file_ok,
-    file_record,
-    read_meta,
-    remove_tmp_files,
-)
+from dnet_fast.convert.journal import JOURNAL_NAME, REPORT_NAME, Journal, remove_tmp_files
 from dnet_fast.convert.sources import Source
 from dnet_fast.convert.split_shards import RunState, worker_pool, write_split_shards
 from dnet_fast.convert.splitfile import MAX_LISTED, ConversionError, Problem, split_stats
-from dnet_fast.convert.wds import sample_key
 from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD
 from dnet_fast.data.groups import shot_groups
+from dnet_fast.shardformat import (
+    META_NAME,
+    file_ok,
+    file_record,
+    read_meta,
+    sample_key,
+    samples_name,
+    write_samples,
+)
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -263,11 +262,8 @@ def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptio
 
 
 def _write_tsv(out: Path, split: str, source: Source, members: list[int]) -> str:
-    name = f"{split}.samples.tsv"
-    with atomic_path(out / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("key\tlabel\tsource\n")
-        for k, i in enumerate(members):
-            f.write(f"{sample_key(k)}\t{int(source.labels[i])}\t{source.origin(i)}\n")
+    name = samples_name(split)
+    write_samples(out / name, ((sample_key(k), source.labels[i], source.origin(i)) for k, i in enumerate(members)))
     return name
 
 
@@ -285,7 +281,7 @@ def _finish(
             "images": len(members),
             "shards": _split_shards(journal, split),
             "beton": f"{split}.beton" if "ffcv" in opts.formats else None,
-            "samples": f"{split}.samples.tsv",
+            "samples": samples_name(split),
         }
     report = {"skipped": [asdict(p) for p in state.skipped], "repaired": state.repaired}
     atomic_write_json(out / REPORT_NAME, report)

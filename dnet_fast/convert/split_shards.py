@@ -18,7 +18,7 @@ from dnet_fast.convert.images import BadImage, Prepared
 from dnet_fast.convert.journal import Journal
 from dnet_fast.convert.sources import Source
 from dnet_fast.convert.splitfile import ConversionError, Problem
-from dnet_fast.convert.wds import ShardWriter, sample_key
+from dnet_fast.shardformat import ShardWriter, sample_key
 
 if TYPE_CHECKING:
     from dnet_fast.convert.pipeline import ConvertOptions

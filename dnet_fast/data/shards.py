@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from dnet_fast.config import DataConfig
-from dnet_fast.convert.journal import META_NAME, file_ok, read_meta
-from dnet_fast.convert.wds import ShardReader
 from dnet_fast.data.base import DATASETS, DataBundle, FileSplit, TensorSplit
 from dnet_fast.data.splits import draw_per_class
+from dnet_fast.shardformat import META_NAME, ShardReader, file_ok, read_meta, read_samples
 
 __all__ = ["ShardSplit", "build_shards", "decode_split", "load_meta", "open_split"]
 
@@ -82,7 +81,7 @@ class ShardSplit(FileSplit):
 def load_meta(root: str | Path) -> dict[str, Any]:
     """Reads ``root/meta.json`` and checks that every recorded file is present with its recorded size.
 
-    (Full checksums: ``dnet_fast.convert.verify_output``; too slow to run before every training run.)
+    (Full checksums: ``dnet_fast.convert.verify_output``.)
 
     Raises:
         FileNotFoundError: no meta.json (not a converted directory, or an interrupted conversion) or a file gone.
@@ -104,7 +103,7 @@ def open_split(root: str | Path, name: str, meta: dict[str, Any] | None = None) 
     root = Path(root).resolve()
     meta = meta if meta is not None else load_meta(root)
     info = meta["splits"][name]
-    keys, labels = _read_samples(root / info["samples"])
+    keys, labels = read_samples(root / info["samples"])
     beton = root / info["beton"] if info.get("beton") else None
     return ShardSplit(
         root,
@@ -115,12 +114,6 @@ def open_split(root: str | Path, name: str, meta: dict[str, Any] | None = None) 
         str(beton) if beton else None,
         np.arange(len(labels), dtype=np.int64),
     )
-
-
-def _read_samples(path: Path) -> tuple[tuple[str, ...], np.ndarray]:
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.split("\t", 2) for line in lines]
-    return tuple(r[0] for r in rows), np.array([int(r[1]) for r in rows], dtype=np.int64)
 
 
 def decode_split(split: ShardSplit) -> TensorSplit:

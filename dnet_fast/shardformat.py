@@ -1,19 +1,45 @@
-"""WebDataset tar shards with DALI ``wds2idx`` index files: deterministic writer and random-access reader."""
+"""The on-disk format of a converted directory: tar shards with DALI index files, samples.tsv, meta.json.
+
+Written by ``dnet_fast.convert``, read by ``dnet_fast.data.shards`` (and the ffcv/dali loaders); both import this
+module, neither imports the other. A converted directory holds, per split, WebDataset tar shards
+``<split>-NNNNNN.tar`` whose members are ``<key>.<ext>`` (image bytes) and ``<key>.cls`` (ASCII class id), a
+``wds2idx`` index ``.idx`` beside each tar, ``<split>.samples.tsv`` (key, label, source per sample, in stored order),
+optionally ``<split>.beton`` (FFCV), and ``meta.json`` (classes, counts, groups, every file's size and SHA-256),
+written last: its presence marks a complete conversion.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import mmap
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from dnet_fast.atomic import atomic_path, publish, tmp_path_for
+from dnet_fast.atomic import atomic_path, publish, sha256_file, tmp_path_for
 
-__all__ = ["INDEX_VERSION", "ShardReader", "ShardWriter", "read_index", "sample_key"]
+__all__ = [
+    "INDEX_VERSION",
+    "META_NAME",
+    "ShardReader",
+    "ShardWriter",
+    "file_ok",
+    "file_record",
+    "read_index",
+    "read_meta",
+    "read_samples",
+    "sample_key",
+    "samples_name",
+    "write_samples",
+]
 
 INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects (same as its wds2idx tool)
+META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
+_SAMPLES_HEADER = "key\tlabel\tsource\n"
 _BLOCK = 512
 
 
@@ -153,3 +179,46 @@ class ShardReader:
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# samples.tsv and meta.json
+
+
+def samples_name(split: str) -> str:
+    """File name of a split's sample table."""
+    return f"{split}.samples.tsv"
+
+
+def write_samples(path: str | Path, rows: Iterable[tuple[str, int, str]]) -> None:
+    """Writes a sample table atomically: one ``key<TAB>label<TAB>source`` line per (key, label, source) row."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(_SAMPLES_HEADER)
+        for key, label, source in rows:
+            f.write(f"{key}\t{int(label)}\t{source}\n")
+
+
+def read_samples(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """(keys, labels int64 (N,)) of a sample table, in stored order."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
+    rows = [line.split("\t", 2) for line in lines]
+    return tuple(r[0] for r in rows), np.array([int(r[1]) for r in rows], dtype=np.int64)
+
+
+def read_meta(out: Path) -> dict[str, Any] | None:
+    """The parsed ``out/meta.json``, or None when there is none (not a conversion, or one that did not finish)."""
+    path = Path(out) / META_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """``{"sha256": ..., "bytes": ...}`` of a file, as stored in the journal and meta.json."""
+    path = Path(path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def file_ok(path: Path, rec: dict[str, Any], *, checksum: bool = True) -> bool:
+    """Whether ``path`` exists with the recorded size and (with ``checksum``) the recorded SHA-256."""
+    if not path.is_file() or path.stat().st_size != rec["bytes"]:
+        return False
+    return not checksum or sha256_file(path) == rec["sha256"]
