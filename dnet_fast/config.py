@@ -1,4 +1,11 @@
-"""The frozen configuration tree: sections, YAML presets, dotted overrides and validation."""
+"""The frozen configuration tree: sections, YAML presets, dotted overrides and validation.
+
+A leaf module: it imports no other dnet_fast module and no torch, so reading a config is cheap. It owns the closed
+enumerations that are part of the schema (``DEVICES``, ``PRECISIONS``, ...; the code that branches on them imports
+them from here). Keys that name a plugin (dataset, loader, backbone, head, loss, meta mode, meta-gradient
+algorithm, lr schedule) are checked against their registries by ``dnet_fast.plugins.check_names``, which every
+entry point runs right after ``load_config``, before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,15 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "AUGMENT_FAMILIES",
+    "CIFAR_VARIANTS",
+    "DEVICES",
+    "GRAPH_CHOICES",
+    "INIT_ACC",
+    "META_SAMPLERS",
+    "NORMALIZATIONS",
+    "PRECISIONS",
+    "SELECTIONS",
     "DataConfig",
     "DiffNetConfig",
     "LossConfig",
@@ -30,6 +46,17 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+# Closed enumerations of the schema (plugin names are checked by dnet_fast.plugins instead).
+AUGMENT_FAMILIES = ("cifar", "imagenet", "none")  # train augmentation families ("auto": the dataset's)
+CIFAR_VARIANTS = ("standard", "official")  # CIFAR-LT construction (SPEC §8)
+META_SAMPLERS = ("balanced", "shuffle")  # meta-batch draws (SPEC §3)
+NORMALIZATIONS = ("sum_to_C", "none")  # difficulties → class weights (SPEC §1)
+INIT_ACC = ("zeros", "eval")  # epoch-0 accuracy vector (SPEC §2)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast without GradScaler, CUDA only
+GRAPH_CHOICES = ("auto", "on", "off")  # CUDA-graph step: auto = iff CUDA
+SELECTIONS = ("last", "val")  # reported model: last epoch or best val accuracy (never test)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +186,12 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
-        """Checks every value and cross-field invariant; returns self.
+        """Checks every value and cross-field invariant of the schema; returns self.
+
+        Plugin names are checked by ``dnet_fast.plugins.check_names`` (it needs the registries).
 
         Raises:
-            ValueError: a value is out of range or a name is unknown (the message says which and why).
+            ValueError: a value is out of range or not one of its enumeration (the message says which and why).
         """
         for check in _CHECKS:
             check(self)
@@ -195,8 +224,8 @@ def _check_data(c: TrainConfig) -> None:
     _require(d.test_per_class >= 1, "data.test_per_class", f"must be >= 1, got {d.test_per_class}")
     _require(d.meta_per_class >= 1, "data.meta_per_class", f"must be >= 1, got {d.meta_per_class}")
     _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
-    _choice(d.cifar_variant, "data.cifar_variant", ["standard", "official"])
-    _choice(d.augment, "data.augment", ["auto", "cifar", "imagenet", "none"])
+    _choice(d.cifar_variant, "data.cifar_variant", CIFAR_VARIANTS)
+    _choice(d.augment, "data.augment", ["auto", *AUGMENT_FAMILIES])
 
 
 def _check_optim(c: TrainConfig) -> None:
@@ -208,7 +237,6 @@ def _check_optim(c: TrainConfig) -> None:
     _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _choice(o.schedule, "optim.schedule", ["step", "cosine", "constant"])
     _require(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, epochs)")
     _require(all(m >= 0 for m in o.milestones), "optim.milestones", "must be >= 0")
     _require(list(o.milestones) == sorted(o.milestones), "optim.milestones", "must be increasing")
@@ -232,49 +260,33 @@ def _check_diffnet(c: TrainConfig) -> None:
     _require(n.hidden >= 1, "diffnet.hidden", f"must be >= 1, got {n.hidden}")
     _require(n.lr > 0, "diffnet.lr", f"must be > 0, got {n.lr}")
     _require(n.weight_decay >= 0, "diffnet.weight_decay", "must be >= 0")
-    _choice(n.normalize, "diffnet.normalize", ["sum_to_C", "none"])
-    _choice(n.init_acc, "diffnet.init_acc", ["zeros", "eval"])
+    _choice(n.normalize, "diffnet.normalize", NORMALIZATIONS)
+    _choice(n.init_acc, "diffnet.init_acc", INIT_ACC)
 
 
 def _check_meta(c: TrainConfig) -> None:
     m = c.meta
     _require(m.lambda_dr >= 0, "meta.lambda_dr", f"must be >= 0, got {m.lambda_dr}")
     _require(m.meta_batch >= 1, "meta.meta_batch", f"must be >= 1, got {m.meta_batch}")
-    _choice(m.sampler, "meta.sampler", ["balanced", "shuffle"])
+    _choice(m.sampler, "meta.sampler", META_SAMPLERS)
     _require(m.acc_every >= 0, "meta.acc_every", "must be >= 0")
-    _choice(m.grad, "meta.grad", ["jvp", "double_backward"])
     _require(m.mwn_hidden >= 1, "meta.mwn_hidden", "must be >= 1")
     _require(m.mwn_lr > 0, "meta.mwn_lr", "must be > 0")
 
 
 def _check_run(c: TrainConfig) -> None:
     r = c.run
-    _choice(r.device, "run.device", ["auto", "cpu", "cuda"])
-    _choice(r.precision, "run.precision", ["fp32", "bf16"])
+    _choice(r.device, "run.device", DEVICES)
+    _choice(r.precision, "run.precision", PRECISIONS)
     _require(r.eval_batch >= 1, "run.eval_batch", "must be >= 1")
     _require(r.log_every >= 1, "run.log_every", "must be >= 1")
-    _choice(r.select, "run.select", ["last", "val"])
+    _choice(r.select, "run.select", SELECTIONS)
     _require(r.threads >= 0, "run.threads", "must be >= 0")
-    _choice(r.graph, "run.graph", ["auto", "on", "off"])
+    _choice(r.graph, "run.graph", GRAPH_CHOICES)
     _require(bool(r.out_dir), "run.out_dir", "must not be empty")
 
 
-def _check_names(c: TrainConfig) -> None:
-    # Registries import torch; imported here so that config parsing stays light.
-    from dnet_fast.data import DATASETS, LOADERS
-    from dnet_fast.losses import LOSSES
-    from dnet_fast.meta import META_MODES
-    from dnet_fast.models import MODELS
-
-    _choice(c.data.dataset, "data.dataset", DATASETS.names())
-    _choice(c.data.loader, "data.loader", ["auto", *LOADERS.names()])
-    _choice(c.model.backbone, "model.backbone", MODELS.names())
-    _choice(c.model.head, "model.head", ["linear", "cosine"])
-    _choice(c.loss.name, "loss.name", LOSSES.names())
-    _choice(c.meta.mode, "meta.mode", META_MODES.names())
-
-
-_CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run, _check_names)
+_CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,7 +424,10 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def load_config(preset: str | None = None, overrides: typing.Iterable[str] = ()) -> TrainConfig:
-    """Loads a preset (name or path; None = defaults), applies overrides and validates."""
+    """Loads a preset (name or path; None = defaults), applies overrides and validates the schema.
+
+    Cheap (no torch): plugin names are checked separately by ``dnet_fast.plugins.check_names``.
+    """
     cfg = TrainConfig()
     if preset:
         path = preset_path(preset)

@@ -25,13 +25,12 @@ from dnet_fast.data import (
     group_accuracies,
     make_loader,
 )
-from dnet_fast.losses import build_loss
-from dnet_fast.meta import build_meta_mode
 from dnet_fast.metrics import DeviceClassCounter
-from dnet_fast.models import build_model, param_groups
+from dnet_fast.models import build_model
+from dnet_fast.plugins import check_names
 from dnet_fast.runlog import RunLog, progress
 from dnet_fast.schedule import apply_lr, lr_factor
-from dnet_fast.step import TrainStep, build_train_step, resolve_graph
+from dnet_fast.stack import TrainingStack, build_stack
 
 __all__ = ["EvalResult", "Session", "build_session", "evaluate", "evaluate_checkpoint", "fit", "resolve_device"]
 
@@ -53,18 +52,18 @@ class EvalResult:
 
 @dataclass
 class Session:
-    """Everything one training run holds; built by :func:`build_session` from a validated config."""
+    """Everything one training run holds: the data and the training stack; built by :func:`build_session`."""
 
     cfg: TrainConfig
-    device: torch.device
     bundle: DataBundle
-    model: nn.Module
-    optimizer: torch.optim.SGD
-    criterion: nn.Module
-    meta: Any  # a dnet_fast.meta MetaMode
+    stack: TrainingStack  # model, optimiser, loss, meta mode, step
     loader: Any  # a dnet_fast.data Loader
     valset: MetaSet  # the val (= meta) images, eval-transformed once and kept on the device
-    step: TrainStep  # static-buffer step: CUDA-graphed on GPU, eager otherwise
+
+    @property
+    def device(self) -> torch.device:
+        """The training device."""
+        return self.stack.device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,32 +86,19 @@ def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, 
 
 
 def build_session(cfg: TrainConfig) -> Session:
-    """Builds data, model, optimiser, loss, meta mode and loaders for ``cfg`` (already validated)."""
+    """Builds data, the training stack and the loaders for ``cfg`` (validated; plugin names are checked here)."""
+    check_names(cfg)
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)  # model initialisation
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
-    model = build_model(cfg.model, bundle.num_classes).to(device)
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.pretrained_lr_mult, cfg.optim.weight_decay)
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.SGD(
-        groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    criterion = build_loss(cfg.loss, bundle.class_counts, cfg.optim.epochs).to(device)
-    meta = build_meta_mode(cfg, model, criterion, optimizer, bundle.num_classes)
+    stack = build_stack(cfg, bundle.class_counts, device)
     loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
     valset = MetaSet(
         bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
         crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
     )
-    step = build_train_step(
-        meta, model, optimizer, bundle.num_classes, graph=resolve_graph(cfg.run.graph, device),
-        precision=cfg.run.precision, channels_last=cfg.model.channels_last, compile_backbone=cfg.run.compile,
-    )
-    return Session(cfg, device, bundle, model, optimizer, criterion, meta, loader, valset, step)
+    return Session(cfg, bundle, stack, loader, valset)
 
 
 @torch.no_grad()
@@ -134,7 +120,7 @@ def _val_accuracy(s: Session) -> torch.Tensor:
     """A_C on the device-resident val set (no re-decoding per epoch)."""
     n, bs = len(s.valset), s.cfg.run.eval_batch
     batches = ((s.valset.images[i : i + bs], s.valset.labels[i : i + bs]) for i in range(0, n, bs))
-    return class_accuracy(s.model, batches, s.bundle.num_classes, s.cfg, s.device)
+    return class_accuracy(s.stack.model, batches, s.bundle.num_classes, s.cfg, s.device)
 
 
 def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
@@ -171,26 +157,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_PROGRESS = ("epoch", "global_step", "next_acc", "best_val", "best_epoch")
+
+
 def _checkpoint_state(s: Session, progress_state: dict[str, Any]) -> dict[str, Any]:
+    """Config, RNG, progress and everything the meta mode owns (``MetaMode.owned``: model, criterion,
+    optimisers, auxiliary nets, A), each under its declared name."""
     return {
-        "format": "dnet-fast/1",
+        "format": "dnet-fast/2",
         "config": config_to_dict(s.cfg),
-        "model": s.model.state_dict(),
-        "optimizer": s.optimizer.state_dict(),
-        "criterion": s.criterion.state_dict(),
-        "meta": s.meta.state_dict(),
         "rng": _rng_state(),
         **progress_state,
+        **s.stack.meta.state_dict(),
     }
 
 
 def _restore(s: Session, state: dict[str, Any]) -> dict[str, Any]:
-    s.model.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.criterion.load_state_dict(state["criterion"])
-    s.meta.load_state_dict(state["meta"])
+    s.stack.meta.load_state_dict(state)
     _set_rng_state(state["rng"])
-    return {k: state[k] for k in ("epoch", "global_step", "acc", "best_val", "best_epoch")}
+    return {k: state[k] for k in _PROGRESS}
 
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
@@ -219,31 +204,36 @@ def _initial_accuracy(s: Session) -> torch.Tensor:
 
 def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple[int, dict[str, Any]]:
     """Runs one epoch of meta steps; returns the new global step and epoch statistics."""
-    cfg = s.cfg
-    s.model.train()
+    cfg, meta, step = s.cfg, s.stack.meta, s.stack.step
+    s.stack.model.train()
     start, images = time.perf_counter(), 0
     batches = progress(s.loader.batches(epoch), total=len(s.loader), desc=f"epoch {epoch}",
                        images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
     stats: dict[str, torch.Tensor] = {}
-    s.step.counter.reset()
+    step.counter.reset()
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
-            s.meta.set_class_accuracy(_val_accuracy(s))
-        meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if s.meta.needs_meta_batch else None
-        stats = s.step.step(x, y, meta_batch)
+            meta.set_class_accuracy(_val_accuracy(s))
+        meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if meta.needs_meta_batch else None
+        stats = _scalars(step.step(x, y, meta_batch))
         global_step += 1
         images += y.shape[0]
         if global_step % cfg.run.log_every == 0:
-            log.log("train", global_step, {**stats, "lr": s.optimizer.param_groups[0]["lr"]})  # sync point
+            log.log("train", global_step, {**stats, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
     seconds = time.perf_counter() - start
-    correct, total = s.step.counter.correct.sum(), s.step.counter.total.sum()
+    correct, total = step.counter.correct.sum(), step.counter.total.sum()
     return global_step, {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
                          "train_top1": correct / total.clamp_min(1),
                          **{f"last_{k}": v for k, v in stats.items()}}
 
 
+def _scalars(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The step's 0-d outputs (the logged statistics; the logits are counted inside the step)."""
+    return {k: v for k, v in outputs.items() if v.ndim == 0}
+
+
 def _weight_stats(s: Session) -> dict[str, float]:
-    w = s.meta.class_weights()
+    w = s.stack.meta.class_weights()
     if w is None:
         return {}
     w = w.detach().float().cpu()  # sync point
@@ -267,22 +257,22 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     log = RunLog(out, tensorboard=cfg.run.tensorboard)
     log.write_config(cfg)
     log.write_json("meta_set.json", {"indices": [int(i) for i in s.valset.indices]})
-    progress_state = {"epoch": 0, "global_step": 0, "acc": None, "best_val": -1.0, "best_epoch": -1}
+    progress_state = {"epoch": 0, "global_step": 0, "next_acc": None, "best_val": -1.0, "best_epoch": -1}
     if resume:
         path = out / "last.pt"
         state = load_checkpoint(path, map_location=s.device)
         _check_resumable(cfg, state["config"], path)
         progress_state = _restore(s, state)
-        s.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
-    acc = progress_state["acc"]
+        s.stack.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
+    acc = progress_state["next_acc"]
     if acc is None:
         acc = _initial_accuracy(s)
     first = progress_state["epoch"]
     last = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, first + stop_after)
     for epoch in range(first, last):
-        apply_lr(s.optimizer, lr_factor(epoch, cfg.optim))
-        s.meta.set_class_accuracy(acc.to(s.device))
-        s.criterion.start_epoch(epoch, acc.to(s.device))
+        apply_lr(s.stack.optimizer, lr_factor(epoch, cfg.optim))
+        s.stack.meta.set_class_accuracy(acc.to(s.device))
+        s.stack.criterion.start_epoch(epoch, acc.to(s.device))
         weights = _weight_stats(s)
         global_step, train_stats = _train_epoch(s, epoch, progress_state["global_step"], log)
         # The val accuracy at the end of epoch e is A_C for epoch e + 1 (the model does not change in between).
@@ -290,12 +280,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         val = evaluate_from_accuracy(acc, s.bundle.val, s.bundle)
         improved = val.top1 > progress_state["best_val"]
         progress_state = {
-            "epoch": epoch + 1, "global_step": global_step, "acc": acc,
+            "epoch": epoch + 1, "global_step": global_step, "next_acc": acc,
             "best_val": max(val.top1, progress_state["best_val"]),
             "best_epoch": epoch if improved else progress_state["best_epoch"],
         }
         log.log("epoch", epoch, {**train_stats, **val.as_dict("val_"), **weights,
-                                 "lr": s.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)})
+                                 "lr": s.stack.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)})
         state = _checkpoint_state(s, progress_state)
         save_checkpoint(out / "last.pt", state)
         if cfg.run.select == "val" and improved:
@@ -327,11 +317,11 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
     if not finished:
         return results
     if s.cfg.run.select == "val" and (out / "best.pt").exists():
-        s.model.load_state_dict(load_checkpoint(out / "best.pt", map_location=s.device)["model"])
+        s.stack.model.load_state_dict(load_checkpoint(out / "best.pt", map_location=s.device)["model"])
         results["selected"] = f"best val (epoch {progress_state['best_epoch']})"
     else:
         results["selected"] = "last epoch"
-    test = evaluate(s.model, s.bundle.test, s.bundle, s.cfg, s.device)
+    test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device)
     results["test"] = {**test.as_dict(), "per_class": list(test.per_class)}
     return results
 
@@ -341,6 +331,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = 
     state = load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(state["config"], source=str(path))
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
+    check_names(cfg)
     dev = resolve_device(device)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)

@@ -26,7 +26,6 @@ __all__ = [
     "LogitAdjustedCE",
     "PerSampleLoss",
     "build_loss",
-    "reduce_loss",
 ]
 
 LOSSES: Registry[type[PerSampleLoss]] = Registry("loss")
@@ -44,7 +43,8 @@ _CDB_EPS = 0.01
 
 
 class PerSampleLoss(nn.Module):
-    """A training loss that returns one value per sample; the trainer reduces it (see `reduce_loss`).
+    """A training loss that returns one value per sample; the step reduces it (``meta.phases.weighted_mean``
+    with `denominator`).
 
     Subclasses implement `_per_sample` on logits already upcast to at least float32 and shape-checked. State that
     changes during training (DRW, CDB-CE weights) lives in buffers registered with `register_buffer` and is changed
@@ -99,6 +99,17 @@ class PerSampleLoss(nn.Module):
     def sample_weight(self, target: Tensor) -> Tensor:
         """(B,) own class weight v_{y_i} of each sample already multiplied into `forward` (1 if unweighted)."""
         return torch.ones(target.shape, dtype=torch.float32, device=target.device)
+
+    def denominator(self, target: Tensor) -> Tensor | None:
+        """Z of the reduction L = Σ_i ω_i ℓ_i / Z for a batch with labels ``target`` (B,).
+
+        None (Z = B, the Difficulty-Net convention) unless `divides_by_weight_sum`; then Z = Σ_i v_{y_i}, floored
+        at the smallest float32 so that a batch whose classes all have weight 0 gives 0, not NaN. Z depends on the
+        labels only, so it is a constant for every derivative of the meta step.
+        """
+        if not self.divides_by_weight_sum:
+            return None
+        return self.sample_weight(target).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class ClassWeightedLoss(PerSampleLoss):
@@ -386,37 +397,6 @@ def build_loss(cfg: LossConfig, class_counts: np.ndarray | Tensor, num_epochs: i
         msg = f"loss.drw_epoch={cfg.drw_epoch} would never be reached in {num_epochs} epochs"
         raise ValueError(msg)
     return loss_cls.from_config(cfg, counts)
-
-
-def reduce_loss(
-    per_sample: Tensor, target: Tensor, criterion: PerSampleLoss, class_weights: Tensor | None = None
-) -> Tensor:
-    """The one reduction of a per-sample loss to the scalar that is back-propagated.
-
-    L = Σ_i w_{y_i} ℓ_i / D with w the (C,) Difficulty-Net class weights (1 if None) and D = B, or
-    D = Σ_i v_{y_i} (the criterion's own weights) when ``criterion.divides_by_weight_sum``. Both factors are (B,)
-    vectors multiplied element-wise, so per-sample weights are never averaged away (SPEC §13 #2).
-
-    Args:
-        per_sample: (B,) output of ``criterion``.
-        target: (B,) labels.
-        criterion: the loss that produced ``per_sample``.
-        class_weights: optional (C,) class weights w.
-
-    Returns:
-        0-dim loss.
-
-    Raises:
-        ValueError: ``per_sample`` or ``target`` is not a (B,) vector of the same length.
-    """
-    if per_sample.dim() != 1 or per_sample.shape != target.shape:
-        msg = f"per-sample loss and target must both be (B,), got {tuple(per_sample.shape)} and {tuple(target.shape)}"
-        raise ValueError(msg)
-    weighted = per_sample if class_weights is None else class_weights[target] * per_sample  # (B,)
-    if not criterion.divides_by_weight_sum:
-        return weighted.mean()
-    # floor: a batch whose classes all have weight 0 gives 0, not NaN
-    return weighted.sum() / criterion.sample_weight(target).sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------------------------

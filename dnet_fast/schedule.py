@@ -1,31 +1,48 @@
-"""Per-epoch learning-rate schedules (warm-up, step, cosine) applied to optimizer groups in place."""
+"""Per-epoch learning-rate schedules (the SCHEDULES registry, warm-up) applied to optimizer groups in place."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from dnet_fast.config import OptimConfig
+from dnet_fast.registry import Registry
 
-__all__ = ["apply_lr", "lr_factor"]
+__all__ = ["SCHEDULES", "apply_lr", "lr_factor"]
+
+#: name -> ``fn(epoch, cfg) -> factor`` of the peak lr after warm-up (``optim.schedule``).
+SCHEDULES: Registry[Callable[[int, OptimConfig], float]] = Registry("lr schedule")
+
+
+@SCHEDULES.register("step")
+def _step(epoch: int, cfg: OptimConfig) -> float:
+    """``gamma`` once per milestone reached."""
+    return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(epoch: int, cfg: OptimConfig) -> float:
+    """``0.5 (1 + cos(π e / E))`` down to ``min_lr``."""
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+@SCHEDULES.register("constant")
+def _constant(epoch: int, cfg: OptimConfig) -> float:  # noqa: ARG001  (same signature as every schedule)
+    """Always 1."""
+    return 1.0
 
 
 def lr_factor(epoch: int, cfg: OptimConfig) -> float:
     """Multiplier of each group's peak lr during ``epoch`` (0-based).
 
-    Linear warm-up ``(epoch + 1) / warmup_epochs`` first (the LDAM-DRW recipe), then the schedule:
-    ``step`` multiplies by ``gamma`` once per milestone reached, ``cosine`` follows
-    ``0.5 (1 + cos(π e / E))`` down to ``min_lr``, ``constant`` stays at 1.
+    Linear warm-up ``(epoch + 1) / warmup_epochs`` first (the LDAM-DRW recipe), then ``SCHEDULES[cfg.schedule]``.
     """
     if epoch < cfg.warmup_epochs:
         return (epoch + 1) / cfg.warmup_epochs
-    if cfg.schedule == "step":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    if cfg.schedule == "cosine":
-        floor = cfg.min_lr / cfg.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    return 1.0
+    return SCHEDULES.get(cfg.schedule)(epoch, cfg)
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

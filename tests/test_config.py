@@ -17,6 +17,7 @@ from dnet_fast.config import (
     preset_names,
 )
 from dnet_fast.models import build_model
+from dnet_fast.plugins import check_names
 
 # Presets and the parameter count of the model each one builds (num_classes from the dataset it targets).
 PRESET_MODELS = {
@@ -106,11 +107,16 @@ def test_bad_values_are_rejected(override, message):
         ("model.backbone=resnet9000", "resnet152"),
         ("meta.mode=magic", "exact"),
         ("data.dataset=imagenet", "synthetic"),
+        ("model.head=arcface", "cosine"),
+        ("meta.grad=finite_differences", "double_backward"),
+        ("optim.schedule=linear", "cosine"),
+        ("data.loader=fast", "auto"),
     ],
 )
 def test_unknown_names_list_the_valid_ones(override, valid):
+    cfg = load_config(None, [override])  # the schema is fine; the registries know the names
     with pytest.raises(ValueError, match=valid):
-        load_config(None, [override])
+        check_names(cfg)
 
 
 def test_unknown_keys_and_presets():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dnet_fast.config import LossConfig
-from dnet_fast.losses import LOSSES, PerSampleLoss, build_loss, reduce_loss
+from dnet_fast.losses import LOSSES, PerSampleLoss, build_loss
+from dnet_fast.meta import weighted_mean
 from dnet_fast.registry import UnknownNameError
 
 EXPECTED_NAMES = ["balanced_softmax", "cb", "cdb_ce", "ce", "eql", "focal", "ldam", "logit_adjust"]
@@ -253,18 +254,18 @@ def test_weighted_reduction_is_per_sample() -> None:
     target = torch.tensor([0, 0, 1, 2])
     w = torch.tensor([0.5, 1.0, 1.5])
     ce = build_loss(LossConfig(name="ce"), COUNTS, num_epochs=1)
-    reduced = reduce_loss(per_sample, target, ce, w)
+    reduced = weighted_mean(per_sample, w[target], ce.denominator(target))
     assert reduced.item() == pytest.approx((0.5 * 1 + 0.5 * 2 + 1.0 * 3 + 1.5 * 4) / 4)  # 2.625
     assert reduced.item() != pytest.approx(per_sample.mean().item() * w[target].mean().item())  # 2.1875
     assert reduced.item() != pytest.approx(per_sample.mean().item() * w.mean().item())  # 2.5
-    assert reduce_loss(per_sample, target, ce).item() == pytest.approx(2.5)
+    assert weighted_mean(per_sample, torch.ones(4), ce.denominator(target)).item() == pytest.approx(2.5)
 
 
 def test_reduction_rejects_broadcasting_shapes() -> None:
     ce = build_loss(LossConfig(name="ce"), COUNTS, num_epochs=1)
     # the official Balanced Softmax returned (B, 1, 1), which broadcast the weights away (SPEC §13 #2)
     with pytest.raises(ValueError, match=r"\(B,\)"):
-        reduce_loss(torch.ones(4, 1, 1), torch.zeros(4, dtype=torch.int64), ce, torch.ones(3))
+        weighted_mean(torch.ones(4, 1, 1), torch.ones(4), ce.denominator(torch.zeros(4, dtype=torch.int64)))
 
 
 def test_weighted_losses_reduce_like_torch_weighted_mean() -> None:
@@ -272,7 +273,7 @@ def test_weighted_losses_reduce_like_torch_weighted_mean() -> None:
     cb = build_loss(LossConfig(name="cb", cb_beta=0.9), COUNTS, num_epochs=1)
     assert cb.divides_by_weight_sum
     reference = F.cross_entropy(logits, target, weight=cb.class_weight.double())  # mean = Σ v_y ℓ / Σ v_y
-    torch.testing.assert_close(reduce_loss(cb(logits, target), target, cb), reference)
+    torch.testing.assert_close(weighted_mean(cb(logits, target), torch.ones(3), cb.denominator(target)), reference)
 
 
 @pytest.mark.parametrize("name", ["balanced_softmax", "ce", "eql", "focal", "logit_adjust"])

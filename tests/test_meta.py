@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dnet_fast.config import DiffNetConfig, LossConfig, MetaConfig, TrainConfig
-from dnet_fast.losses import LOSSES, ClassBalancedCE, CrossEntropy, build_loss, reduce_loss
+from dnet_fast.losses import LOSSES, ClassBalancedCE, CrossEntropy, PerSampleLoss, build_loss
 from dnet_fast.meta import (
     META_MODES,
     ExactMode,
@@ -23,6 +23,7 @@ from dnet_fast.meta import (
     meta_gradient_double_backward,
     weighted_mean,
 )
+from dnet_fast.meta import modes
 from dnet_fast.models import DifficultyNet, MetaWeightNet
 from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_config, tiny_param_groups
 
@@ -129,10 +130,10 @@ class _NoForwardAD(torch.autograd.Function):
         return g
 
 
-class OpaqueCE(nn.Module):
+class OpaqueCE(PerSampleLoss):
     """CE through an autograd.Function without a forward-mode formula."""
 
-    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+    def _per_sample(self, z: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(_NoForwardAD.apply(z), y, reduction="none")
 
 
@@ -174,9 +175,12 @@ def test_step_returns_detached_scalars():
     for mode, grad in MODES:
         out = make(mode, grad).step(*batch(0))
         assert "loss" in out
+        logits = out.pop("logits")  # the real forward's, for the step's training counters
+        assert logits.shape == (B, C)
+        assert not logits.requires_grad
         assert all(v.dim() == 0 and not v.requires_grad for v in out.values())
     keys = set(make("exact").step(*batch(0)))
-    assert keys == {"loss", "meta_loss", "driver_loss", "weight_min", "weight_max", "weight_E"}
+    assert keys == {"loss", "logits", "meta_loss", "driver_loss", "weight_min", "weight_max", "weight_E"}
 
 
 def test_driver_loss_formula():
@@ -201,10 +205,25 @@ def test_driver_gradient_is_lambda_grad_l_dr_and_exact_differs():
     assert (flat_grad(exact.diffnet) - expected).norm() > 0.05 * expected.norm()
 
 
+def _without_meta_term(variant: str):
+    """``modes.meta_gradient`` with the meta term removed: scaled by 0, or computed from detached weights (the
+    official code's pattern, SPEC §4.2: the meta loss then sends no gradient to θ)."""
+    real = modes.meta_gradient
+
+    def patched(inner, losses, weigh, meta_batch, algorithm):
+        if variant == "detach_weights":
+            return real(inner, losses, lambda ell: weigh(ell).detach(), meta_batch, algorithm)
+        mg = real(inner, losses, weigh, meta_batch, algorithm)
+        return mg._replace(grad_tensors=[g * 0.0 for g in mg.grad_tensors])
+
+    return patched
+
+
 @pytest.mark.parametrize("grad", ["jvp", "double_backward"])
-@pytest.mark.parametrize("variant", [{"meta_scale": 0.0}, {"detach_weights": True}])
-def test_exact_without_meta_term_equals_driver_step_for_step(grad, variant):
-    driver, exact = make("driver"), make("exact", grad, **variant)
+@pytest.mark.parametrize("variant", ["meta_scale_0", "detach_weights"])
+def test_exact_without_meta_term_equals_driver_step_for_step(grad, variant, monkeypatch):
+    monkeypatch.setattr(modes, "meta_gradient", _without_meta_term(variant))
+    driver, exact = make("driver"), make("exact", grad)
     for step in range(3):
         out_d, out_e = driver.step(*batch(step)), exact.step(*batch(step))
         torch.testing.assert_close(flat_grad(exact.diffnet), flat_grad(driver.diffnet), rtol=0, atol=0)
@@ -281,9 +300,10 @@ def test_real_step_equals_hand_written_sgd(mode, grad, loss):
         ell = criterion(ell, y)  # (B,)
         if mode == "mwn":
             v = meta.vnet(ell.detach())  # V after its update
-            loss_ref = reduce_loss(ell * (B * v / v.sum()), y, criterion)
+            loss_ref = weighted_mean(ell * (B * v / v.sum()), torch.ones_like(ell), criterion.denominator(y))
         else:
-            loss_ref = reduce_loss(ell, y, criterion, None if mode == "off" else meta.class_weights())
+            w = torch.ones(C, dtype=ell.dtype) if mode == "off" else meta.class_weights()
+            loss_ref = weighted_mean(ell, w[y], criterion.denominator(y))
         grads = dict(zip(live, torch.autograd.grad(loss_ref, list(live.values())), strict=True))
         params = {n: p.detach() for n, p in live.items()}
         _sgd_reference(params, grads, bufs)
@@ -314,22 +334,28 @@ def test_state_dict_round_trip_continues_identically(mode, grad):
     assert_same_state(a, b)
 
 
+BASE_KEYS = {"model", "criterion", "optimizer", "acc"}
+
+
 @pytest.mark.parametrize(
     ("mode", "keys"),
     [
-        ("off", {"acc"}),
-        ("driver", {"acc", "diffnet", "diffnet_optimizer"}),
-        ("exact", {"acc", "diffnet", "diffnet_optimizer"}),
-        ("mwn", {"acc", "mwn", "mwn_optimizer"}),
+        ("off", BASE_KEYS),
+        ("driver", BASE_KEYS | {"diffnet", "diffnet_optimizer"}),
+        ("exact", BASE_KEYS | {"diffnet", "diffnet_optimizer"}),
+        ("mwn", BASE_KEYS | {"mwn", "mwn_optimizer"}),
     ],
 )
 def test_state_dict_keys_are_the_checkpoint_layout(mode, keys):
-    """Checkpoints written before the modes shared one state_dict still load: same keys, same contents."""
+    """The checkpoint holds exactly what the mode declares it owns, each under its declared name."""
     meta = make(mode)
     state = meta.state_dict()
     assert set(state) == keys
-    for key, attr in type(meta).aux_state:
-        assert state[key].keys() == getattr(meta, attr).state_dict().keys()
+    owned = meta.owned()
+    assert set(owned.modules) | set(owned.optimizers) | set(owned.tensors) == keys
+    for key, obj in {**owned.modules, **owned.optimizers}.items():
+        assert state[key].keys() == obj.state_dict().keys()
+    assert list(owned.optimizers.values())[0] is meta.optimizer  # the main optimiser first
 
 
 def test_off_mode_ignores_class_accuracy_and_has_unit_weights():

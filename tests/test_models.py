@@ -396,7 +396,7 @@ def test_cosine_head_init_and_names() -> None:
     assert head.weight.shape == (10, 64)
     torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(10))
     assert head.scale == 16.0
-    with pytest.raises(ValueError, match="linear, cosine"):
+    with pytest.raises(ValueError, match="valid: cosine, linear"):
         build_head("arcface", 64, 10)
 
 

@@ -16,9 +16,9 @@ from dnet_fast.meta import META_MODES, MetaMode
 from dnet_fast.metrics import counts_from_logits
 from dnet_fast.schedule import apply_lr
 from dnet_fast.step import (
+    DeviceLRSGD,
     StateSnapshot,
     TrainStep,
-    build_train_step,
     init_momentum_buffers_,
     mutable_state,
     resolve_graph,
@@ -38,8 +38,9 @@ MODES = [("off", "jvp"), ("driver", "jvp"), ("exact", "jvp"), ("exact", "double_
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def make(mode: str, grad: str = "jvp", loss: str = "ce") -> MetaMode:
-    """A float64 meta mode on TinyNet with torch SGD (momentum, Nesterov, weight decay, two lr groups)."""
+def make(mode: str, grad: str = "jvp", loss: str = "ce", *, device_lr: bool = False) -> MetaMode:
+    """A float64 meta mode on TinyNet with torch SGD (momentum, Nesterov, weight decay, two lr groups), or with
+    the same hyperparameters in a `DeviceLRSGD` (``device_lr``: what `TrainStep` drives)."""
     cfg = meta_config(mode, grad)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -47,7 +48,8 @@ def make(mode: str, grad: str = "jvp", loss: str = "ce") -> MetaMode:
         groups = tiny_param_groups(model, *LRS, weight_decay=1e-3)
         for group in groups:
             group["base_lr"] = group["lr"]
-        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        hyper = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+        optimizer = DeviceLRSGD(groups, device="cpu", **hyper) if device_lr else torch.optim.SGD(groups, **hyper)
         loss_cfg = LossConfig(name=loss, drw_epoch=0 if loss == "ldam" else -1, eql_lambda=0.05)  # 1 tail class
         criterion = build_loss(loss_cfg, COUNTS, 10)
         criterion.start_epoch(1, ACC.float())
@@ -111,32 +113,30 @@ def test_resolve_graph_on_this_machine():
         resolve_graph("yes", "cpu")
 
 
-def test_graph_step_needs_cuda_and_builder_checks_its_pieces():
-    meta = make("driver")
+def test_graph_step_needs_cuda_and_a_known_precision():
+    meta = make("driver", device_lr=True)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             TrainStep(meta, graph=True)
-    with pytest.raises(ValueError, match="model and optimizer"):
-        build_train_step(meta, TinyNet(), meta.optimizer, C, graph=False)
-    with pytest.raises(ValueError, match="classes"):
-        build_train_step(meta, meta.model, meta.optimizer, C + 1, graph=False)
     with pytest.raises(ValueError, match="precision"):
         TrainStep(meta, precision="fp16")
-    step = build_train_step(meta, meta.model, meta.optimizer, C, graph=False)
+    step = TrainStep(meta, graph=False)
     assert not step.captured
     assert step.warmup_seconds is None
     assert step.capture_seconds is None
 
 
-def test_main_optimizer_must_be_sgd():
-    meta = make("off")
+def test_main_optimizer_must_be_the_device_lr_sgd():
+    meta = make("off")  # torch's SGD: its tensor-lr update calls .item() (a host sync)
+    with pytest.raises(TypeError, match="DeviceLRSGD"):
+        TrainStep(meta)
     meta.optimizer = torch.optim.Adam(meta.model.parameters())
     with pytest.raises(TypeError, match="SGD"):
         TrainStep(meta)
 
 
 def test_static_buffers_keep_their_shape_and_meta_batch_is_required():
-    step = TrainStep(make("exact"))
+    step = TrainStep(make("exact", device_lr=True))
     x, y, mb = batch(0)
     step.step(x, y, mb)
     buffer = step._static["x"]
@@ -149,7 +149,7 @@ def test_static_buffers_keep_their_shape_and_meta_batch_is_required():
 
 
 def test_channels_last_static_buffer():
-    step = TrainStep(make("off"), channels_last=True)
+    step = TrainStep(make("off", device_lr=True), channels_last=True)
     step.step(*batch(0))
     assert step._static["x"].is_contiguous(memory_format=torch.channels_last)
 
@@ -243,7 +243,7 @@ def test_tensor_lrs_keep_existing_tensors_and_apply_lr_updates_in_place():
 
 @pytest.mark.parametrize(("mode", "grad"), MODES)
 def test_eager_step_equals_meta_step(mode, grad):
-    ref, mine = make(mode, grad), make(mode, grad)
+    ref, mine = make(mode, grad), make(mode, grad, device_lr=True)
     step = TrainStep(mine)
     assert_outputs_equal(run(ref.step, ref, 4), run(step.step, mine, 4))
     assert_states_equal(ref, mine)
@@ -252,14 +252,14 @@ def test_eager_step_equals_meta_step(mode, grad):
 @pytest.mark.parametrize("loss", sorted(set(LOSSES.names()) - {"ce"}))
 @pytest.mark.parametrize("mode", ["driver", "exact"])
 def test_eager_step_equals_meta_step_for_every_loss(mode, loss):
-    ref, mine = make(mode, loss=loss), make(mode, loss=loss)
+    ref, mine = make(mode, loss=loss), make(mode, loss=loss, device_lr=True)
     step = TrainStep(mine)
     assert_outputs_equal(run(ref.step, ref, 3), run(step.step, mine, 3))
     assert_states_equal(ref, mine)
 
 
 def test_lr_change_reaches_the_step_without_rebuilding():
-    ref, mine = make("exact"), make("exact")
+    ref, mine = make("exact"), make("exact", device_lr=True)
     step = TrainStep(mine)
     lrs = step.lrs
     run(ref.step, ref, 4)
@@ -274,7 +274,7 @@ def test_lr_change_reaches_the_step_without_rebuilding():
 
 
 def test_snapshot_restore_leaves_every_buffer_identical():
-    meta = make("exact", loss="eql")
+    meta = make("exact", loss="eql", device_lr=True)
     step = TrainStep(meta)
     before = {k: v.clone() for k, v in state_of(meta).items()}
     counters = (step.counter.correct.clone(), step.counter.total.clone())
@@ -300,7 +300,7 @@ def test_snapshot_restore_leaves_every_buffer_identical():
 @pytest.mark.parametrize(("mode", "loss"), [("exact", "eql"), ("driver", "ldam"), ("mwn", "ce")])
 def test_rehearsed_warm_up_then_steps_equal_meta_step(mode, loss):
     """The capture sequence without the capture: warm-up iterations, restore, then the real steps."""
-    ref, mine = make(mode, loss=loss), make(mode, loss=loss)
+    ref, mine = make(mode, loss=loss), make(mode, loss=loss, device_lr=True)
     step = TrainStep(mine, warmup_iters=2)
     torch.manual_seed(7)
     step.rehearse(*batch(5))
@@ -311,15 +311,12 @@ def test_rehearsed_warm_up_then_steps_equal_meta_step(mode, loss):
 
 @pytest.mark.parametrize("mode", ["off", "exact"])
 def test_train_counters_inside_the_step_equal_host_counts(mode):
-    ref, mine = make(mode), make(mode)
-    seen: list[tuple[Tensor, Tensor]] = []
-    ref.on_train_logits = lambda logits, y: seen.append((logits.clone(), y.clone()))
+    ref, mine = make(mode), make(mode, device_lr=True)
     step = TrainStep(mine)
-    run(ref.step, ref, 4)
+    outs = run(ref.step, ref, 4)  # each holds its real forward's logits
     run(step.step, mine, 4)
-    assert len(seen) == 4  # one real forward per iteration
-    logits = torch.cat([z for z, _ in seen]).numpy()
-    labels = torch.cat([y for _, y in seen]).numpy()
+    logits = torch.cat([o["logits"] for o in outs]).numpy()
+    labels = torch.cat([batch(i)[1] for i in range(4)]).numpy()
     correct, total = counts_from_logits(logits, labels, C)
     np.testing.assert_array_equal(step.counter.correct.numpy(), correct)
     np.testing.assert_array_equal(step.counter.total.numpy(), total)
@@ -340,7 +337,8 @@ GPU_ITERS = 6
 
 
 def _gpu_setup(mode: str, backbone: str, *, loss: str = "ce", grad: str = "jvp", image: int = 32,
-               batch_size: int = 16, meta_batch: int = 10, classes: int = 10, channels_last: bool = False):
+               batch_size: int = 16, meta_batch: int = 10, classes: int = 10, channels_last: bool = False,
+               compile_backbone: bool = False):
     """A CUDA meta mode on a registered backbone, and its data: the same arguments give the same state."""
     cfg = TrainConfig(
         model=ModelConfig(backbone=backbone, width=16, channels_last=channels_last),
@@ -355,10 +353,11 @@ def _gpu_setup(mode: str, backbone: str, *, loss: str = "ce", grad: str = "jvp",
         torch.manual_seed(0)
         model = build_model(cfg.model, classes).to(dev).train()
         groups = [{"params": list(model.parameters()), "lr": 0.1, "base_lr": 0.1}]
-        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        optimizer = DeviceLRSGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, device=dev)
         criterion = build_loss(LossConfig(name=loss, drw_epoch=0 if loss == "ldam" else -1), counts, 10).to(dev)
         criterion.start_epoch(1, torch.linspace(0.9, 0.1, classes, device=dev))
-        meta = META_MODES.get(mode)(cfg, model, criterion, optimizer, classes)
+        forward = torch.compile(model) if compile_backbone else None
+        meta = META_MODES.get(mode)(cfg, model, criterion, optimizer, classes, forward=forward)
     meta.set_class_accuracy(torch.linspace(0.9, 0.05, classes))
     g = torch.Generator().manual_seed(1)
     data = [
@@ -495,9 +494,9 @@ def test_gpu_replay_after_reset_and_checkpoint_reload():
 @cuda
 @pytest.mark.parametrize("mode", ["off", "driver"])
 def test_gpu_compiled_backbone_graph_equals_eager(mode):
-    m_eager, data = _gpu_setup(mode, "resnet32")
-    m_graph, _ = _gpu_setup(mode, "resnet32")
-    s_eager = TrainStep(m_eager, compile_backbone=True)
-    s_graph = TrainStep(m_graph, graph=True, compile_backbone=True)
+    m_eager, data = _gpu_setup(mode, "resnet32", compile_backbone=True)
+    m_graph, _ = _gpu_setup(mode, "resnet32", compile_backbone=True)
+    s_eager = TrainStep(m_eager)
+    s_graph = TrainStep(m_graph, graph=True)
     outs_e, outs_g = _gpu_run(s_eager, data), _gpu_run(s_graph, data)
     _assert_graph_equals_eager(m_eager, m_graph, outs_e, outs_g, TOL["fp32"])

@@ -10,6 +10,8 @@ from dnet_fast.meta.forward_ad import (
     quiet_jvp,
 )
 from dnet_fast.meta.gradient import (
+    META_GRADIENTS,
+    Algorithm,
     Inner,
     MetaGrad,
     forward_ad_problem,
@@ -18,6 +20,7 @@ from dnet_fast.meta.gradient import (
     meta_gradient,
     meta_gradient_double_backward,
     meta_gradient_jvp,
+    needs_losses,
     scratch_losses,
 )
 from dnet_fast.meta.modes import (
@@ -27,6 +30,7 @@ from dnet_fast.meta.modes import (
     MetaMode,
     MWNMode,
     OffMode,
+    Owned,
     build_meta_mode,
 )
 from dnet_fast.meta.phases import (
@@ -35,7 +39,6 @@ from dnet_fast.meta.phases import (
     aux_step,
     class_weights,
     driver_loss,
-    loss_denominator,
     meta_loss,
     real_step,
     scratch_buffers,
@@ -45,7 +48,9 @@ from dnet_fast.meta.phases import (
 )
 
 __all__ = [
+    "META_GRADIENTS",
     "META_MODES",
+    "Algorithm",
     "BatchNormTrain",
     "ClosedFormBatchNorm",
     "DriverMode",
@@ -55,6 +60,7 @@ __all__ = [
     "MetaGrad",
     "MetaMode",
     "OffMode",
+    "Owned",
     "Params",
     "Weigher",
     "aux_step",
@@ -65,12 +71,12 @@ __all__ = [
     "driver_loss",
     "forward_ad_problem",
     "functional_layout",
-    "loss_denominator",
     "loss_jvp",
     "meta_gradient",
     "meta_gradient_double_backward",
     "meta_gradient_jvp",
     "meta_loss",
+    "needs_losses",
     "quiet_jvp",
     "real_step",
     "scratch_buffers",

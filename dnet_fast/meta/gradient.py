@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -18,8 +18,11 @@ from dnet_fast.meta.phases import (
     virtual_step,
     weighted_mean,
 )
+from dnet_fast.registry import Registry
 
 __all__ = [
+    "META_GRADIENTS",
+    "Algorithm",
     "Inner",
     "MetaGrad",
     "forward_ad_problem",
@@ -28,6 +31,7 @@ __all__ = [
     "meta_gradient",
     "meta_gradient_double_backward",
     "meta_gradient_jvp",
+    "needs_losses",
     "scratch_losses",
 ]
 
@@ -59,7 +63,7 @@ class Inner(NamedTuple):
     lrs: dict[str, Any]  # α per parameter name (float or 0-d tensor)
     x: Tensor  # (B, 3, H, W)
     y: Tensor  # (B,)
-    denominator: Tensor | None  # Z of the reduction (None: B), see `loss_denominator`
+    denominator: Tensor | None  # Z of the reduction (None: B), see ``PerSampleLoss.denominator``
 
 
 class MetaGrad(NamedTuple):
@@ -158,16 +162,39 @@ def meta_gradient_jvp(
     return MetaGrad(l_meta.detach(), [omega], [-s / z])
 
 
+class Algorithm(NamedTuple):
+    """A meta-gradient algorithm of ``META_GRADIENTS``."""
+
+    fn: Callable[[Inner, Tensor | None, Weigher, tuple[Tensor, Tensor]], MetaGrad]
+    needs_losses: bool  # reuses the losses of the shared train forward (the mode runs that forward first)
+
+
+#: ``meta.grad`` name -> Algorithm.
+META_GRADIENTS: Registry[Algorithm] = Registry("meta-gradient algorithm")
+META_GRADIENTS.register("jvp")(Algorithm(meta_gradient_jvp, needs_losses=True))
+META_GRADIENTS.register("double_backward")(
+    Algorithm(lambda inner, _losses, weigh, mb: meta_gradient_double_backward(inner, weigh, mb), needs_losses=False)
+)
+
+
+def needs_losses(algorithm: str) -> bool:
+    """Whether ``META_GRADIENTS[algorithm]`` reuses the shared train forward's losses."""
+    return META_GRADIENTS.get(algorithm).needs_losses
+
+
 def meta_gradient(
     inner: Inner, losses: Tensor | None, weigh: Weigher, meta_batch: tuple[Tensor, Tensor], algorithm: str
 ) -> MetaGrad:
-    """Dispatches to `meta_gradient_jvp` (needs ``losses``) or `meta_gradient_double_backward`."""
-    if algorithm == "jvp":
-        if losses is None:
-            msg = "the jvp meta-gradient needs the losses of the shared train forward"
-            raise ValueError(msg)
-        return meta_gradient_jvp(inner, losses, weigh, meta_batch)
-    return meta_gradient_double_backward(inner, weigh, meta_batch)
+    """``META_GRADIENTS[algorithm]``: `meta_gradient_jvp` (needs ``losses``) or `meta_gradient_double_backward`.
+
+    Raises:
+        UnknownNameError: unknown algorithm.
+        ValueError: the algorithm needs the shared forward's ``losses`` and got None.
+    """
+    if losses is None and needs_losses(algorithm):
+        msg = f"the {algorithm} meta-gradient needs the losses of the shared train forward"
+        raise ValueError(msg)
+    return META_GRADIENTS.get(algorithm).fn(inner, losses, weigh, meta_batch)
 
 
 def forward_ad_problem(criterion: nn.Module, num_classes: int, device: torch.device) -> str | None:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dnet_fast.config import TrainConfig
-from dnet_fast.meta.gradient import Inner, forward_ad_problem, meta_gradient
+from dnet_fast.meta.gradient import Inner, forward_ad_problem, meta_gradient, needs_losses
 from dnet_fast.meta.phases import (
     Params,
     aux_step,
     class_weights,
     driver_loss,
-    loss_denominator,
     real_step,
     weight_stats,
     weighted_mean,
@@ -31,6 +31,7 @@ __all__ = [
     "MWNMode",
     "MetaMode",
     "OffMode",
+    "Owned",
     "build_meta_mode",
 ]
 
@@ -39,27 +40,46 @@ log = logging.getLogger(__name__)
 META_MODES: Registry[type[MetaMode]] = Registry("meta mode")
 
 
+@dataclass(frozen=True)
+class Owned:
+    """Everything a meta mode's step mutates, by checkpoint name: the one list that the step's snapshot
+    (``dnet_fast.step.snapshot``) and the checkpoint (`MetaMode.state_dict`) both read."""
+
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # parameters and buffers
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)  # the main one first
+    tensors: dict[str, Tensor] = field(default_factory=dict)  # static buffers such as A
+
+    def plus(self, other: Owned) -> Owned:
+        """This declaration extended by ``other`` (a subclass adds its auxiliary net and optimiser)."""
+        return Owned(
+            {**self.modules, **other.modules},
+            {**self.optimizers, **other.optimizers},
+            {**self.tensors, **other.tensors},
+        )
+
+
 class MetaMode:
     """Base of the meta modes: holds the classifier, its loss and optimiser, and the static accuracy buffer A.
 
     ``step`` never syncs with the host (no ``.item()``, no data-dependent shapes), so it can be captured in a
-    CUDA graph; the caller wraps it in autocast when training in bf16.
+    CUDA graph; the caller wraps it in autocast when training in bf16. The real step calls ``optimizer.step()``:
+    with ``dnet_fast.step.DeviceLRSGD`` that update reads its learning rates on the device.
+
+    Args:
+        cfg: the run's config (``meta`` and ``diffnet`` sections are read).
+        model: the classifier f(·; φ) on its device, in train mode.
+        criterion: per-sample loss, (B, C) logits → (B,).
+        optimizer: the main optimiser over ``model``'s parameters (its group lrs are the virtual-step sizes).
+        num_classes: C.
+        forward: the real forward (default ``model``), e.g. a ``torch.compile``'d model.
 
     Attributes:
         needs_meta_batch: whether ``step`` needs a balanced meta batch.
         diffnet: Difficulty-Net (driver, exact) or None.
         acc: (C,) static buffer with the per-class accuracy A, refreshed in place.
-        set_to_none: passed to ``zero_grad``. Inside a captured CUDA graph either value is correct: with True,
-            backward allocates the gradients from the graph's pool at capture and every replay overwrites them.
-        update: replaces ``optimizer.step()`` in the real step (None: ``optimizer.step()``); `dnet_fast.step`
-            installs an in-place SGD that reads tensor learning rates without a host sync.
-        train_forward: the real forward (None: ``model``); `dnet_fast.step` may install a compiled backbone.
-        on_train_logits: called as ``fn(logits.detach(), y)`` after the real forward, e.g. device class counters.
     """
 
     needs_meta_batch: bool = False
-    #: (state_dict key, attribute) of each auxiliary net and optimiser the mode saves besides A.
-    aux_state: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(
         self,
@@ -68,15 +88,14 @@ class MetaMode:
         criterion: nn.Module,
         optimizer: torch.optim.Optimizer,
         num_classes: int,
+        *,
+        forward: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.num_classes = num_classes
         self.diffnet: nn.Module | None = None
-        self.set_to_none = True
-        self.update: Callable[[], object] | None = None
-        self.train_forward: Callable[[Tensor], Tensor] | None = None
-        self.on_train_logits: Callable[[Tensor, Tensor], object] | None = None
+        self.forward = model if forward is None else forward
         first = next(model.parameters())
         self.device = first.device
         self.dtype = torch.promote_types(torch.float32, first.dtype)  # auxiliary nets: at least fp32
@@ -95,18 +114,32 @@ class MetaMode:
         """Current detached (C,) class weights; None for modes without class-level weights (mwn)."""
         return torch.ones_like(self.acc)
 
+    def owned(self) -> Owned:
+        """What this mode's step mutates: model, criterion (its buffers), main optimiser and A; subclasses add
+        their auxiliary net and optimiser with `Owned.plus`."""
+        return Owned(
+            {"model": self.model, "criterion": self.criterion}, {"optimizer": self.optimizer}, {"acc": self.acc}
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        """The mode's own state: A and, where present, the auxiliary net and its optimiser (`aux_state`)."""
+        """The checkpoint of everything `owned` declares, keyed by its names."""
+        owned = self.owned()
         return {
-            "acc": self.acc.clone(),
-            **{key: getattr(self, attr).state_dict() for key, attr in self.aux_state},
+            **{name: m.state_dict() for name, m in owned.modules.items()},
+            **{name: opt.state_dict() for name, opt in owned.optimizers.items()},
+            **{name: t.detach().clone() for name, t in owned.tensors.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores what `state_dict` returned."""
-        self.set_class_accuracy(state["acc"].to(self.acc.device))
-        for key, attr in self.aux_state:
-            getattr(self, attr).load_state_dict(state[key])
+        """Restores what `state_dict` returned (tensors copied in place: a captured graph keeps reading them)."""
+        owned = self.owned()
+        for name, m in owned.modules.items():
+            m.load_state_dict(state[name])
+        for name, opt in owned.optimizers.items():
+            opt.load_state_dict(state[name])
+        with torch.no_grad():
+            for name, t in owned.tensors.items():
+                t.copy_(state[name].to(t.device))
 
     def step(
         self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None = None
@@ -119,8 +152,8 @@ class MetaMode:
             meta_batch: balanced (x^m (m, 3, H, W), y^m (m,)) when ``needs_meta_batch``, else ignored.
 
         Returns:
-            Detached scalar tensors: ``loss`` and, by mode, ``meta_loss``, ``driver_loss``, ``weight_min``,
-            ``weight_max``, ``weight_E``.
+            Detached tensors: the real forward's ``logits`` (B, C) and the scalars ``loss`` and, by mode,
+            ``meta_loss``, ``driver_loss``, ``weight_min``, ``weight_max``, ``weight_E``.
 
         Raises:
             RuntimeError: the model is in eval mode (every forward of the step uses batch statistics).
@@ -139,17 +172,19 @@ class MetaMode:
     def _step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _train_losses(self, x: Tensor, y: Tensor) -> Tensor:
-        """The real train forward with the real buffers (BN running statistics update once): ℓ (B,) with graph."""
-        logits = (self.model if self.train_forward is None else self.train_forward)(x)  # (B, C)
-        if self.on_train_logits is not None:
-            self.on_train_logits(logits.detach(), y)
-        return self.criterion(logits, y)
+    def _train_forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The real train forward with the real buffers (BN running statistics update once).
+
+        Returns:
+            (ℓ (B,) with graph, detached logits (B, C)).
+        """
+        logits = self.forward(x)  # (B, C)
+        return self.criterion(logits, y), logits.detach()
 
     def _inner(self, x: Tensor, y: Tensor) -> Inner:
         groups = self.optimizer.param_groups
         lrs = {n: groups[g]["lr"] for n, g in self._group_of.items()}  # read each step: schedules change it
-        return Inner(self.model, self.criterion, self._params, lrs, x, y, loss_denominator(self.criterion, y))
+        return Inner(self.model, self.criterion, self._params, lrs, x, y, self.criterion.denominator(y))
 
 
 @META_MODES.register("off")
@@ -157,10 +192,10 @@ class OffMode(MetaMode):
     """No reweighting: the mean per-sample loss, one real step."""
 
     def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
-        losses = self._train_losses(x, y)  # (B,)
-        loss = weighted_mean(losses, torch.ones_like(losses), loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
-        return {"loss": loss.detach()}
+        losses, logits = self._train_forward(x, y)  # (B,), (B, C)
+        loss = weighted_mean(losses, torch.ones_like(losses), self.criterion.denominator(y))
+        real_step(self.optimizer, loss)
+        return {"loss": loss.detach(), "logits": logits}
 
 
 @META_MODES.register("driver")
@@ -172,8 +207,6 @@ class DriverMode(MetaMode):
         diffnet: Difficulty-Net to use (default: built from ``cfg.diffnet``); moved to the model's device, ≥ fp32.
     """
 
-    aux_state = (("diffnet", "diffnet"), ("diffnet_optimizer", "diffnet_optimizer"))  # A, D and its Adam
-
     def __init__(
         self,
         cfg: TrainConfig,
@@ -182,8 +215,10 @@ class DriverMode(MetaMode):
         optimizer: torch.optim.Optimizer,
         num_classes: int,
         diffnet: nn.Module | None = None,
+        *,
+        forward: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(cfg, model, criterion, optimizer, num_classes)
+        super().__init__(cfg, model, criterion, optimizer, num_classes, forward=forward)
         if diffnet is None:
             diffnet = DifficultyNet(num_classes, cfg.diffnet.hidden, cfg.diffnet.bias)
         self.diffnet = diffnet.to(device=self.device, dtype=self.dtype)
@@ -197,6 +232,10 @@ class DriverMode(MetaMode):
             capturable=self.device.type == "cuda",
         )
 
+    def owned(self) -> Owned:
+        """The base declaration plus Difficulty-Net and its Adam."""
+        return super().owned().plus(Owned({"diffnet": self.diffnet}, {"diffnet_optimizer": self.diffnet_optimizer}))
+
     def class_weights(self) -> Tensor:
         """Current (C,) class weights of Difficulty-Net, detached."""
         with torch.no_grad():
@@ -205,32 +244,28 @@ class DriverMode(MetaMode):
     def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         _, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
         l_dr = driver_loss(d, self.acc)
-        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr], [None], set_to_none=self.set_to_none)
-        return {**self._real_phase(self._train_losses(x, y), y), "driver_loss": l_dr.detach()}
+        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr], [None])
+        return {**self._real_phase(*self._train_forward(x, y), y), "driver_loss": l_dr.detach()}
 
-    def _real_phase(self, losses: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _real_phase(self, losses: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Eq. 11: detached weights of the updated net, (1/b) Σ w'_{y_i} ℓ_i, real step."""
         with torch.no_grad():
             w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
-        loss = weighted_mean(losses, w[y], loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
-        return {"loss": loss.detach(), **weight_stats(w, d)}
+        loss = weighted_mean(losses, w[y], self.criterion.denominator(y))
+        real_step(self.optimizer, loss)
+        return {"loss": loss.detach(), "logits": logits, **weight_stats(w, d)}
 
 
 @META_MODES.register("exact")
 class ExactMode(DriverMode):
     """The paper's Eqs. 8–11 (SPEC §4.3): differentiable virtual step, meta loss into θ, Adam, real step.
 
-    ``cfg.meta.grad`` picks the meta-gradient algorithm (`meta_gradient_jvp` or the plain
+    ``cfg.meta.grad`` picks the meta-gradient algorithm (``META_GRADIENTS``: `meta_gradient_jvp` or the plain
     `meta_gradient_double_backward`); jvp falls back to double_backward, with a logged reason in
     ``grad_fallback_reason``, when the loss has no forward-mode AD formula.
 
     Args:
-        cfg, model, criterion, optimizer, num_classes, diffnet: as `DriverMode`.
-        meta_scale: factor on the meta term of ∇_θ J (1 = the paper; 0 removes it, which makes the mode
-            equal to `driver` step for step — a test hook).
-        detach_weights: use detached weights in the virtual step, the official code's pattern (SPEC §4.2): the
-            meta loss then sends no gradient to θ.
+        cfg, model, criterion, optimizer, num_classes, diffnet, forward: as `DriverMode`.
     """
 
     needs_meta_batch = True
@@ -244,12 +279,9 @@ class ExactMode(DriverMode):
         num_classes: int,
         diffnet: nn.Module | None = None,
         *,
-        meta_scale: float = 1.0,
-        detach_weights: bool = False,
+        forward: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(cfg, model, criterion, optimizer, num_classes, diffnet)
-        self.meta_scale = meta_scale
-        self.detach_weights = detach_weights
+        super().__init__(cfg, model, criterion, optimizer, num_classes, diffnet, forward=forward)
         self.grad, self.grad_fallback_reason = _choose_grad(
             cfg.meta.grad, criterion, num_classes, self.device
         )
@@ -257,20 +289,13 @@ class ExactMode(DriverMode):
     def _step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,), in θ's graph
         l_dr = driver_loss(d, self.acc)
-        omega = w[y].detach() if self.detach_weights else w[y]  # (B,) device-side gather
+        omega = w[y]  # (B,) device-side gather
         # jvp: one train forward serves Eq. 9 (first-order g) and Eq. 11 (second backward with w').
-        losses = self._train_losses(x, y) if self.grad == "jvp" else None
-        mg = meta_gradient(self._inner(x, y), losses, lambda _: omega, meta_batch, self.grad)
-        scaled = mg.grad_tensors if self.meta_scale == 1.0 else [g * self.meta_scale for g in mg.grad_tensors]
-        aux_step(
-            self.diffnet_optimizer,
-            [self.lambda_dr * l_dr, *mg.roots],
-            [None, *scaled],
-            set_to_none=self.set_to_none,
-        )
-        if losses is None:
-            losses = self._train_losses(x, y)
-        return {**self._real_phase(losses, y), "driver_loss": l_dr.detach(), "meta_loss": mg.meta_loss}
+        shared = self._train_forward(x, y) if needs_losses(self.grad) else None
+        mg = meta_gradient(self._inner(x, y), None if shared is None else shared[0], lambda _: omega, meta_batch, self.grad)
+        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr, *mg.roots], [None, *mg.grad_tensors])
+        losses, logits = shared if shared is not None else self._train_forward(x, y)
+        return {**self._real_phase(losses, logits, y), "driver_loss": l_dr.detach(), "meta_loss": mg.meta_loss}
 
 
 @META_MODES.register("mwn")
@@ -286,7 +311,6 @@ class MWNMode(MetaMode):
     """
 
     needs_meta_batch = True
-    aux_state = (("mwn", "vnet"), ("mwn_optimizer", "vnet_optimizer"))  # A, V and its SGD
 
     def __init__(
         self,
@@ -296,8 +320,10 @@ class MWNMode(MetaMode):
         optimizer: torch.optim.Optimizer,
         num_classes: int,
         vnet: nn.Module | None = None,
+        *,
+        forward: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(cfg, model, criterion, optimizer, num_classes)
+        super().__init__(cfg, model, criterion, optimizer, num_classes, forward=forward)
         self.vnet = (vnet if vnet is not None else MetaWeightNet(cfg.meta.mwn_hidden)).to(
             self.device, self.dtype
         )
@@ -305,6 +331,10 @@ class MWNMode(MetaMode):
         self.grad, self.grad_fallback_reason = _choose_grad(
             cfg.meta.grad, criterion, num_classes, self.device
         )
+
+    def owned(self) -> Owned:
+        """The base declaration plus V and its SGD (checkpoint names ``mwn``, ``mwn_optimizer``)."""
+        return super().owned().plus(Owned({"mwn": self.vnet}, {"mwn_optimizer": self.vnet_optimizer}))
 
     def class_weights(self) -> Tensor | None:
         """None: MWN weights samples, not classes (the step reports their min/max)."""
@@ -317,17 +347,17 @@ class MWNMode(MetaMode):
         return v * (v.numel() / v.sum())
 
     def _step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
-        losses = self._train_losses(x, y) if self.grad == "jvp" else None
-        mg = meta_gradient(self._inner(x, y), losses, self.sample_weights, meta_batch, self.grad)
-        aux_step(self.vnet_optimizer, mg.roots, list(mg.grad_tensors), set_to_none=self.set_to_none)
-        if losses is None:
-            losses = self._train_losses(x, y)
+        shared = self._train_forward(x, y) if needs_losses(self.grad) else None
+        mg = meta_gradient(self._inner(x, y), None if shared is None else shared[0], self.sample_weights, meta_batch, self.grad)
+        aux_step(self.vnet_optimizer, mg.roots, list(mg.grad_tensors))
+        losses, logits = shared if shared is not None else self._train_forward(x, y)
         with torch.no_grad():
             w = self.sample_weights(losses)  # (B,) of the updated V
-        loss = weighted_mean(losses, w, loss_denominator(self.criterion, y))
-        real_step(self.optimizer, loss, set_to_none=self.set_to_none, update=self.update)
+        loss = weighted_mean(losses, w, self.criterion.denominator(y))
+        real_step(self.optimizer, loss)
         return {
             "loss": loss.detach(),
+            "logits": logits,
             "meta_loss": mg.meta_loss,
             "weight_min": w.min(),
             "weight_max": w.max(),
@@ -340,13 +370,15 @@ def build_meta_mode(
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     num_classes: int,
+    *,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> MetaMode:
-    """Builds the mode named ``cfg.meta.mode`` for a model already on its device.
+    """Builds the mode named ``cfg.meta.mode`` for a model already on its device (``forward``: see `MetaMode`).
 
     Raises:
         UnknownNameError: the mode is not registered.
     """
-    return META_MODES.get(cfg.meta.mode)(cfg, model, criterion, optimizer, num_classes)
+    return META_MODES.get(cfg.meta.mode)(cfg, model, criterion, optimizer, num_classes, forward=forward)
 
 
 def _optimised_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Params, dict[str, int]]:

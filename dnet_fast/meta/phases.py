@@ -16,7 +16,6 @@ __all__ = [
     "aux_step",
     "class_weights",
     "driver_loss",
-    "loss_denominator",
     "meta_loss",
     "real_step",
     "scratch_buffers",
@@ -39,8 +38,8 @@ def weighted_mean(losses: Tensor, weights: Tensor, denominator: Tensor | None = 
     Args:
         losses: (B,) per-sample losses.
         weights: (B,) per-sample weights.
-        denominator: Z when the loss divides by its own class weights Σ_i v_{y_i} (see `loss_denominator`);
-            None means B.
+        denominator: Z when the loss divides by its own class weights Σ_i v_{y_i}
+            (``PerSampleLoss.denominator``); None means B.
 
     Raises:
         ValueError: ``losses`` is not (B,) or ``weights`` has another shape; a (B,1) × (B,) product would
@@ -51,19 +50,6 @@ def weighted_mean(losses: Tensor, weights: Tensor, denominator: Tensor | None = 
         raise ValueError(msg)
     weighted = weights * losses  # (B,)
     return weighted.mean() if denominator is None else weighted.sum() / denominator
-
-
-def loss_denominator(criterion: nn.Module, y: Tensor) -> Tensor | None:
-    """Z of `weighted_mean` for ``criterion``, as ``dnet_fast.losses.reduce_loss`` defines it.
-
-    None (Z = B) unless the loss carries its own class weights v and divides by Σ_i v_{y_i} (CB, LDAM-DRW,
-    CDB-CE; SPEC §12). Z depends on the labels only, so it is a constant for every derivative in this module.
-    """
-    if not getattr(criterion, "divides_by_weight_sum", False):
-        return None
-    return (
-        criterion.sample_weight(y).sum().clamp_min(torch.finfo(torch.float32).tiny)
-    )  # floor: as reduce_loss
 
 
 def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tensor, Tensor]:
@@ -115,7 +101,7 @@ def virtual_step(
         params: φ by name.
         grads: g by name (None where the loss does not depend on the parameter).
         lrs: α by name, the current lr of the parameter's optimizer group (float or 0-d tensor; a device
-            tensor, as `dnet_fast.step` installs, is read on the device, so schedules need no re-capture).
+            tensor, as `dnet_fast.step.DeviceLRSGD` holds, is read on the device, so schedules need no re-capture).
     """
     return {n: p if grads[n] is None else p - lrs[n] * grads[n] for n, p in params.items()}
 
@@ -130,41 +116,22 @@ def meta_loss(
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), ym)
 
 
-def real_step(
-    optimizer: torch.optim.Optimizer,
-    loss: Tensor,
-    *,
-    set_to_none: bool = True,
-    update: Callable[[], object] | None = None,
-) -> None:
+def real_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
     """Eq. 11: zero the grads, backward ``loss`` into φ, one step of the main optimiser.
 
-    Args:
-        optimizer: the main optimiser (its ``zero_grad`` always runs).
-        loss: the scalar to differentiate.
-        set_to_none: passed to ``zero_grad``.
-        update: replaces ``optimizer.step()`` (the CUDA-graph step installs an in-place tensor-lr SGD,
-            ``dnet_fast.step.sgd_step_``); None calls ``optimizer.step()``.
+    Gradients are set to None first: inside a captured CUDA graph, backward then allocates them from the graph's
+    pool at capture and every replay overwrites them.
     """
-    optimizer.zero_grad(set_to_none=set_to_none)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if update is None:
-        optimizer.step()
-    else:
-        update()
+    optimizer.step()
 
 
-def aux_step(
-    optimizer: torch.optim.Optimizer,
-    roots: list[Tensor],
-    grads: list[Tensor | None],
-    *,
-    set_to_none: bool = True,
-) -> None:
+def aux_step(optimizer: torch.optim.Optimizer, roots: list[Tensor], grads: list[Tensor | None]) -> None:
     """Eq. 10 for the auxiliary net: backward Σ_k ⟨roots_k, grads_k⟩ into its parameters only, one step."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     pairs = [(r, g) for r, g in zip(roots, grads, strict=True) if r.requires_grad]  # detached roots add 0
-    optimizer.zero_grad(set_to_none=set_to_none)
+    optimizer.zero_grad(set_to_none=True)
     if pairs:
         torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs], inputs=params)
     optimizer.step()

@@ -10,11 +10,12 @@ from torch import nn
 from dnet_fast.config import ModelConfig
 from dnet_fast.models import cifar_resnet, resnet
 from dnet_fast.models.difficulty_net import DifficultyNet, MetaWeightNet
-from dnet_fast.models.heads import CosineClassifier, build_head
+from dnet_fast.models.heads import HEADS, CosineClassifier, build_head
 from dnet_fast.models.pretrained import load_pretrained, param_groups, read_state_dict
 from dnet_fast.registry import Registry
 
 __all__ = [
+    "HEADS",
     "MODELS",
     "CosineClassifier",
     "DifficultyNet",

@@ -1,14 +1,19 @@
-"""Classifier heads: the plain linear layer and the cosine classifier (SPEC §6.2)."""
+"""The HEADS registry of classifier heads: the plain linear layer and the cosine classifier (SPEC §6.2)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnet_fast.registry import Registry
+
 __all__ = ["HEADS", "CosineClassifier", "build_head"]
 
-HEADS = ("linear", "cosine")
+#: name -> ``fn(in_features, num_classes, scale) -> nn.Module`` (``model.head``).
+HEADS: Registry[Callable[[int, int, float], nn.Module]] = Registry("head")
 
 
 class CosineClassifier(nn.Module):
@@ -49,21 +54,24 @@ class CosineClassifier(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, scale={self.scale}"
 
 
+@HEADS.register("linear")
+def _linear(in_features: int, num_classes: int, scale: float) -> nn.Module:  # noqa: ARG001  (no scale)
+    return nn.Linear(in_features, num_classes)
+
+
+HEADS.register("cosine")(CosineClassifier)
+
+
 def build_head(kind: str, in_features: int, num_classes: int, scale: float = 30.0) -> nn.Module:
     """Builds a classifier head.
 
     Args:
-        kind: ``linear`` (``nn.Linear`` with bias) or ``cosine`` (:class:`CosineClassifier`).
+        kind: a ``HEADS`` name: ``linear`` (``nn.Linear`` with bias) or ``cosine`` (:class:`CosineClassifier`).
         in_features: feature dimension F.
         num_classes: number of classes C.
         scale: cosine scale s (ignored by the linear head).
 
     Raises:
-        ValueError: unknown ``kind``.
+        UnknownNameError: unknown ``kind`` (a ValueError listing the valid names).
     """
-    if kind == "linear":
-        return nn.Linear(in_features, num_classes)
-    if kind == "cosine":
-        return CosineClassifier(in_features, num_classes, scale)
-    msg = f"unknown head '{kind}'; valid: {', '.join(HEADS)}"
-    raise ValueError(msg)
+    return HEADS.get(kind)(in_features, num_classes, scale)
