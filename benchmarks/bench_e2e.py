@@ -368,22 +368,12 @@ class E2EBenchmark(Benchmark):
         return lambda: pseudo
 
     def _fast(self, mode: str) -> _Live:
-        from dnet_fast.losses import build_loss
-        from dnet_fast.meta import build_meta_mode
-        from dnet_fast.models import param_groups
-        from dnet_fast.step import build_train_step, resolve_graph
+        from dnet_fast.stack import build_stack
 
-        p, cfg = self.params, self._config(mode)
-        model = self._model(cfg.model)
-        o = cfg.optim
-        opt = torch.optim.SGD(param_groups(model, o.lr, o.pretrained_lr_mult, o.weight_decay), lr=o.lr,
-                              momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-        criterion = build_loss(cfg.loss, self.bundle.class_counts, o.epochs).to(self.device)
-        torch.manual_seed(SEED + 1)
-        mm = build_meta_mode(cfg, model, criterion, opt, p["classes"])
+        p = self.params
+        stack = build_stack(self._config(mode), self.bundle.class_counts, self.device)
+        mm, step = stack.meta, stack.step
         mm.set_class_accuracy(self.acc)
-        step = build_train_step(mm, model, opt, p["classes"], graph=resolve_graph(cfg.run.graph, self.device),
-                                precision=cfg.run.precision, channels_last=cfg.model.channels_last)
         batches, counter = _cycle(self.resident.batches), iter(range(1 << 62))
 
         def fetch() -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
@@ -393,7 +383,7 @@ class E2EBenchmark(Benchmark):
 
         sampler = self._sampler()
         loop = TimedLoop(fetch, lambda b: step.step(*b), p["iters"], cuda=self.cuda, sampler=sampler)
-        extra = {"precision": cfg.run.precision if self.cuda else "fp32", "graph": step.graph, "_step": step}
+        extra = {"precision": p["precision"] if self.cuda else "fp32", "graph": step.graph, "_step": step}
         if getattr(mm, "grad_fallback_reason", None):
             self.notes[mode] = f"meta.grad=jvp fell back to double_backward: {mm.grad_fallback_reason}"
         return _Live(loop, extra, [sampler.close] if sampler else [])

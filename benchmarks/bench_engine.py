@@ -1,27 +1,75 @@
-"""C++ engine benchmarks: meta-batch sampling and per-class counting against Python and NumPy, in one run.
+"""The ``engine`` benchmark: the C++ meta sampler, epoch orders and per-class counters against Python and NumPy.
 
-Run: ``python benchmarks/bench_engine.py [--quick] [--json out.json]``. Prints a markdown table; every ratio is
-computed from medians measured in this same process.
+Points: ``meta_sampling`` (10^6 class-balanced meta indices), ``epoch_order`` (every order kind), ``counting``
+(per-class correct/total straight from 10^5 × 1000 float32 logits: the fused C++ ``counts_from_logits`` against the
+device counter's torch ops on the CPU, NumPy and the released code's per-sample ``.item()`` loop), and ``acc_pass``
+(the engine's A_C pass on the CPU — ResNet-32 eval forwards over a val set — with the host C++ counter the engine
+uses on CPU versus the device counter, so the counting's share of a real pass is visible). The baseline of every
+point is its C++ variant ``cpp``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
+import dataclasses
 import random
-import statistics
-import sys
-import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from dnet_fast.metrics import class_counts, counts_from_logits
-from dnet_fast.sampling import MetaBatchSampler, epoch_order
+from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, timeit
 
-__all__ = ["imagenet_lt_labels", "main"]
+__all__ = [
+    "FULL_POINTS",
+    "QUICK_POINTS",
+    "EngineBenchmark",
+    "imagenet_lt_labels",
+    "numpy_class_aware",
+    "official_class_aware",
+]
+
+#: ``calls`` caps (warm-up, repeats, rounds) per point; ``official_subset``: rows the per-sample loop really runs
+#: (its time is scaled linearly to ``rows``).
+FULL_POINTS = (
+    {"name": "meta_sampling", "indices": 1_000_000, "m": 100, "calls": [1, 3, 2]},
+    {"name": "epoch_order", "epoch": 45, "epochs": 90, "calls": [1, 5, 2]},
+    {"name": "counting", "rows": 100_000, "classes": 1000, "official_subset": 2_000, "bandwidth_mib": 400,
+     "calls": [1, 5, 2]},
+    {"name": "acc_pass", "images": 2_500, "classes": 100, "batch": 256, "calls": [1, 3, 2]},
+)
+QUICK_POINTS = (
+    {"name": "meta_sampling", "indices": 20_000, "m": 100, "calls": [1, 2, 1]},
+    {"name": "epoch_order", "epoch": 1, "epochs": 2, "calls": [1, 2, 1]},
+    {"name": "counting", "rows": 2_000, "classes": 100, "official_subset": 200, "bandwidth_mib": 16,
+     "calls": [1, 2, 1]},
+    {"name": "acc_pass", "images": 64, "classes": 10, "batch": 32, "calls": [1, 2, 1]},
+)
+VARIANTS = {
+    "meta_sampling": ("cpp", "cpp_batch_calls", "official_python", "numpy_vectorised", "numpy_with_replacement"),
+    "epoch_order": ("cpp", "cpp_class_aware", "cpp_sqrt", "cpp_progressive", "numpy_permutation"),
+    "counting": ("cpp", "cpp_1thread", "device_counter", "numpy_argmax_bincount", "official_item_loop"),
+    "acc_pass": ("cpp", "device_counter"),
+}
+RATIOS = {
+    "meta_sampling": (
+        Ratio("official Python ClassAwareSampler / C++", "official_python", "cpp", 50.0),
+        Ratio("best vectorised NumPy (same semantics) / C++", "numpy_vectorised", "cpp", 5.0),
+        Ratio("NumPy with replacement (looser) / C++", "numpy_with_replacement", "cpp"),
+        Ratio("10^4 batch() calls / one batches() call", "cpp_batch_calls", "cpp", higher_is_better=False),
+    ),
+    "epoch_order": (Ratio("progressive / uniform", "cpp_progressive", "cpp", higher_is_better=False),),
+    "counting": (
+        Ratio("device counter's torch ops on the CPU / C++", "device_counter", "cpp", 1.0),
+        Ratio("NumPy argmax + bincount / C++ (no slower)", "numpy_argmax_bincount", "cpp", 1.0),
+        Ratio("released code's per-sample .item() loop / C++", "official_item_loop", "cpp", 1000.0),
+        Ratio("1 thread / auto threads", "cpp_1thread", "cpp", higher_is_better=False),
+    ),
+    "acc_pass": (Ratio("A_C pass with the device counter / with the C++ counter", "device_counter", "cpp"),),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and baselines
 
 
 def imagenet_lt_labels(seed: int = 0) -> np.ndarray:
@@ -37,56 +85,39 @@ def imagenet_lt_labels(seed: int = 0) -> np.ndarray:
         lo, hi = (r, hi) if total < target else (lo, r)
     counts = np.round(5 + 1275 * r ** np.arange(classes)).astype(np.int64)
     counts[1 : 1 + abs(target - counts.sum())] += np.sign(target - counts.sum())
-    assert counts.sum() == target
-    assert (counts.max(), counts.min()) == (1280, 5)
     return np.random.default_rng(seed).permutation(np.repeat(np.arange(classes), counts))
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time in seconds after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class _RandomCycleIter:
+    """The official ClassAwareSampler helper: cycle through a list, reshuffling with a ``random`` generator per
+    pass (the released code used the global unseeded one; a seeded private generator keeps this reproducible)."""
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Baselines.
-# ---------------------------------------------------------------------------------------------------------------
-class RandomCycleIter:
-    """The official ClassAwareSampler helper: cycle through a list, reshuffling with python ``random`` per pass."""
-
-    def __init__(self, data: list[int]) -> None:
-        self.data_list = list(data)
-        self.length = len(self.data_list)
-        self.i = self.length - 1
+    def __init__(self, data: list[int], rng: random.Random) -> None:
+        self.data_list, self.rng = list(data), rng
+        self.i = len(self.data_list) - 1
 
     def __next__(self) -> int:
         self.i += 1
-        if self.i == self.length:
+        if self.i == len(self.data_list):
             self.i = 0
-            random.shuffle(self.data_list)
+            self.rng.shuffle(self.data_list)
         return self.data_list[self.i]
 
 
-def official_class_aware(labels: np.ndarray, count: int) -> list[int]:
+def official_class_aware(labels: np.ndarray, count: int, seed: int = 0) -> list[int]:
     """Official-style sampler (Kang et al. / Difficulty-Net): next class from a cyclic iterator, one sample each."""
-    num_classes = int(labels.max()) + 1
-    cls_data = [[] for _ in range(num_classes)]
+    rng = random.Random(seed)
+    cls_data: list[list[int]] = [[] for _ in range(int(labels.max()) + 1)]
     for i, y in enumerate(labels.tolist()):
         cls_data[y].append(i)
-    class_iter = RandomCycleIter(list(range(num_classes)))
-    data_iters = [RandomCycleIter(x) for x in cls_data]
+    class_iter = _RandomCycleIter(list(range(len(cls_data))), rng)
+    data_iters = [_RandomCycleIter(x, rng) for x in cls_data]
     return [next(data_iters[next(class_iter)]) for _ in range(count)]
 
 
 def numpy_class_aware(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Best vectorised NumPy version of the same stream (classes in shuffled cycles, per-class passes without
-    replacement): one segmented sort draws every per-class pass at once.
-    """
+    replacement): one segmented sort draws every per-class pass at once."""
     num_classes = int(labels.max()) + 1
     cycles = -(-count // num_classes)
     order = np.argsort(labels, kind="stable")  # members grouped by class
@@ -104,12 +135,11 @@ def numpy_class_aware(labels: np.ndarray, count: int, rng: np.random.Generator) 
     shuffled = order[starts[seg_class[seg_id]] + member[perm]]
     first_seg = np.concatenate([[0], np.cumsum(passes)[:-1]])  # each class's first segment
     r = np.broadcast_to(np.arange(cycles)[:, None], classes.shape)  # draw number of class c in cycle r is r
-    c = classes
-    pos = seg_start[first_seg[c] + r // sizes[c]] + r % sizes[c]
+    pos = seg_start[first_seg[classes] + r // sizes[classes]] + r % sizes[classes]
     return shuffled[pos].ravel()[:count]
 
 
-def numpy_with_replacement(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+def _numpy_with_replacement(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Looser NumPy baseline (per-class draws *with* replacement), for reference only."""
     num_classes = int(labels.max()) + 1
     order = np.argsort(labels, kind="stable")
@@ -120,209 +150,168 @@ def numpy_with_replacement(labels: np.ndarray, count: int, rng: np.random.Genera
     return order[starts[c] + (rng.random(count) * sizes[c]).astype(np.int64)]
 
 
-def python_count_loop_numpy(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """The plain per-sample loop over the NumPy arrays as an evaluation script writes it."""
-    correct, total = np.zeros(num_classes, dtype=np.int64), np.zeros(num_classes, dtype=np.int64)
-    for p, y in zip(pred, label, strict=True):
-        total[y] += 1
-        correct[y] += p == y
-    return correct, total
+def _numpy_counts(logits: np.ndarray, label: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    pred = logits.argmax(1)
+    return (np.bincount(label[pred == label], minlength=num_classes), np.bincount(label, minlength=num_classes))
 
 
-def python_count_loop(pred: np.ndarray, label: np.ndarray, num_classes: int) -> tuple[list[int], list[int]]:
+def _official_item_loop(logits: Any, label: Any, num_classes: int) -> tuple[list[int], list[int]]:
+    """The released code's accuracy loop: argmax on the tensor, then ``.item()`` per sample (a host sync each)."""
+    pred = logits.argmax(1)
     correct, total = [0] * num_classes, [0] * num_classes
-    for p, y in zip(pred.tolist(), label.tolist(), strict=True):
+    for i in range(label.shape[0]):
+        y = int(label[i].item())
         total[y] += 1
-        correct[y] += p == y
+        correct[y] += int((pred[i] == label[i]).item())
     return correct, total
 
 
-def official_count_loop(pred: np.ndarray, label: np.ndarray, num_classes: int) -> tuple[list[int], list[int]]:
-    """The released code's accuracy loop: index the torch tensors per sample and ``.item()`` each (a host sync)."""
-    import torch
-
-    pred_t, label_t = torch.from_numpy(pred), torch.from_numpy(label)
-    correct, total = [0] * num_classes, [0] * num_classes
-    for i in range(label_t.shape[0]):
-        y = int(label_t[i].item())
-        total[y] += 1
-        correct[y] += int((pred_t[i] == label_t[i]).item())
-    return correct, total
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmarks.
-# ---------------------------------------------------------------------------------------------------------------
-def bench_sampling(repeats: int, rows: list[dict]) -> None:
-    labels = imagenet_lt_labels()
-    count, m = 1_000_000, 100
-    sampler = MetaBatchSampler(labels, seed=0)
-    rng = np.random.default_rng(0)
-    t_ours = timed(lambda: sampler.batches(0, count // m, m), repeats)
-    t_ours_calls = timed(lambda: [sampler.batch(s, m) for s in range(count // m)], max(1, repeats // 2))
-    random.seed(0)
-    t_official = timed(lambda: official_class_aware(labels, count), 1)
-    t_numpy = timed(lambda: numpy_class_aware(labels, count, rng), repeats)
-    t_loose = timed(lambda: numpy_with_replacement(labels, count, rng), repeats)
-    rows += [
-        {"bench": "meta 1e6 idx: C++ batches(k=10^4, m=100)", "seconds": t_ours, "ratio": 1.0},
-        {
-            "bench": "meta 1e6 idx: C++ batch() x 10^4 calls",
-            "seconds": t_ours_calls,
-            "ratio": t_ours_calls / t_ours,
-        },
-        {
-            "bench": "meta 1e6 idx: official Python ClassAwareSampler",
-            "seconds": t_official,
-            "ratio": t_official / t_ours,
-            "target": ">= 50x",
-        },
-        {
-            "bench": "meta 1e6 idx: NumPy vectorised (same semantics)",
-            "seconds": t_numpy,
-            "ratio": t_numpy / t_ours,
-            "target": ">= 5x",
-        },
-        {
-            "bench": "meta 1e6 idx: NumPy with replacement (looser)",
-            "seconds": t_loose,
-            "ratio": t_loose / t_ours,
-        },
-    ]
-    for kind in ("uniform", "class_aware", "sqrt", "progressive"):
-        t = timed(lambda kind=kind: epoch_order(labels, kind, seed=0, epoch=45, num_epochs=90), repeats)
-        rows.append({"bench": f"epoch_order {kind} (ImageNet-LT, epoch 45)", "seconds": t})
-    t_perm = timed(lambda: rng.permutation(labels.size), repeats)
-    rows.append({"bench": "numpy rng.permutation(115846) (reference)", "seconds": t_perm})
-
-
-def bench_counting(repeats: int, rows: list[dict], n: int) -> float:
-    rng = np.random.default_rng(1)
-    num_classes = 1000
-    label = rng.integers(0, num_classes, size=n)
-    pred = np.where(rng.random(n) < 0.7, label, rng.integers(0, num_classes, size=n))
-    nbytes = pred.nbytes + label.nbytes
-    t_ours = timed(lambda: class_counts(pred, label, num_classes), repeats)
-    from dnet_fast.sampling import _C
-
-    t_one = timed(lambda: _C.class_counts(pred, label, num_classes, 1), repeats)
-    t_bincount = timed(lambda: np.bincount(label, minlength=num_classes), repeats)
-    t_np_full = timed(
-        lambda: (
-            np.bincount(label, minlength=num_classes),
-            np.bincount(label[pred == label], minlength=num_classes),
-        ),
-        repeats,
-    )
-    subset = n // 100
-    t_loop = timed(lambda: python_count_loop(pred[:subset], label[:subset], num_classes), 1) * (n / subset)
-    t_loop_np = timed(lambda: python_count_loop_numpy(pred[:subset], label[:subset], num_classes), 1) * (
-        n / subset
-    )
-    small = n // 1000  # the tensor loop is ~10x slower still: time 1e4 samples and scale
-    t_official = timed(lambda: official_count_loop(pred[:small], label[:small], num_classes), 1) * (n / small)
-    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
-    rows += [
-        {
-            "bench": f"count {n:.0e} preds, C=1000: C++ class_counts (auto threads)",
-            "seconds": t_ours,
-            "ratio": 1.0,
-            "GB/s": gbs(t_ours),
-        },
-        {
-            "bench": "count: C++ class_counts, 1 thread",
-            "seconds": t_one,
-            "ratio": t_one / t_ours,
-            "GB/s": gbs(t_one),
-        },
-        {
-            "bench": "count: numpy.bincount(label) (total only)",
-            "seconds": t_bincount,
-            "ratio": t_bincount / t_ours,
-            "target": ">= 1x",
-            "GB/s": label.nbytes / t_bincount / 1e9,
-        },
-        {"bench": "count: numpy bincount total + correct", "seconds": t_np_full, "ratio": t_np_full / t_ours},
-        {
-            "bench": f"count: Python loop over NumPy arrays (timed on {subset:.0e}, scaled x{n // subset})",
-            "seconds": t_loop_np,
-            "ratio": t_loop_np / t_ours,
-            "target": ">= 1000x",
-        },
-        {
-            "bench": f"count: official-style loop over torch tensors, .item() per sample (timed on {small:.0e}, "
-            f"scaled x{n // small})",
-            "seconds": t_official,
-            "ratio": t_official / t_ours,
-            "target": ">= 1000x",
-        },
-        {
-            "bench": f"count: Python loop over .tolist() (timed on {subset:.0e}, scaled x{n // subset})",
-            "seconds": t_loop,
-            "ratio": t_loop / t_ours,
-            "target": ">= 1000x",
-        },
-    ]
-    rows_logits = 100_000
-    logits = rng.standard_normal((rows_logits, num_classes), dtype=np.float32)
-    y = rng.integers(0, num_classes, size=rows_logits)
-    t_fused = timed(lambda: counts_from_logits(logits, y, num_classes), repeats)
-    t_np = timed(lambda: class_counts(logits.argmax(1), y, num_classes), repeats)
-    rows += [
-        {
-            "bench": "logits 1e5 x 1000 f32: C++ counts_from_logits",
-            "seconds": t_fused,
-            "ratio": 1.0,
-            "GB/s": logits.nbytes / t_fused / 1e9,
-        },
-        {
-            "bench": "logits: numpy argmax + class_counts",
-            "seconds": t_np,
-            "ratio": t_np / t_fused,
-            "GB/s": logits.nbytes / t_np / 1e9,
-        },
-    ]
-    return nbytes
-
-
-def memory_bandwidth(repeats: int, nbytes: int = 400 * 2**20) -> float:
-    """GB/s of a large numpy copy, counting the read and the write."""
+def memory_bandwidth(nbytes: int) -> float:
+    """GB/s of a large NumPy copy, counting the read and the write."""
     src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
-    t = timed(lambda: np.copyto(dst, src), repeats)
-    return 2 * nbytes / t / 1e9
+    return 2 * nbytes / timeit(lambda: np.copyto(dst, src), warmup=1, repeats=3).median / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every engine benchmark and print a markdown table (optionally JSON)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="1e6 predictions and 3 repeats")
-    parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args(argv)
-    repeats = 3 if args.quick else 7
-    rows: list[dict] = []
-    bandwidth = memory_bandwidth(repeats)
-    bench_sampling(repeats, rows)
-    bench_counting(repeats, rows, 1_000_000 if args.quick else 10_000_000)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs (shared), "
-        f"python {sys.version.split()[0]}, numpy {np.__version__}"
-    )
-    print(f"memory bandwidth (numpy copy, read + write): {bandwidth:.1f} GB/s\n")
-    print("| benchmark | median ms | ratio (x slower than C++) | target | GB/s | % of copy bandwidth |")
-    print("|---|---:|---:|---|---:|---:|")
-    for row in rows:
-        ratio = f"{row['ratio']:.1f}" if "ratio" in row else ""
-        gbs = f"{row['GB/s']:.2f}" if "GB/s" in row else ""
-        pct = f"{100 * row['GB/s'] / bandwidth:.0f}%" if "GB/s" in row else ""
-        print(
-            f"| {row['bench']} | {1e3 * row['seconds']:.2f} | {ratio} | {row.get('target', '')} | {gbs} | {pct} |"
+@BENCHMARKS.register("engine")
+class EngineBenchmark(Benchmark):
+    """C++ meta sampler, epoch orders and class counters vs Python / NumPy / torch (see the module docstring)."""
+
+    name = "engine"
+    description = "C++ meta sampler, epoch orders and class counters vs Python / NumPy / torch"
+    baseline = "cpp"
+    unit_name = "item"
+
+    def grid(self, profile: Profile) -> list[dict[str, Any]]:
+        """The four points (``--quick``: small sizes)."""
+        return [dict(p) for p in (QUICK_POINTS if profile.quick else FULL_POINTS)]
+
+    def profile_for(self, params: dict[str, Any], profile: Profile) -> Profile:
+        """The point's ``calls`` caps (the 1.5 s Python sampler need not run 21 times)."""
+        w, r, n = params["calls"]
+        return dataclasses.replace(
+            profile, warmup=min(profile.warmup, w), repeats=min(profile.repeats, r), rounds=min(profile.rounds, n)
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"bandwidth_GBps": bandwidth, "rows": rows}, f, indent=1)
-    return 0
 
+    def variants(self, params: dict[str, Any]) -> list[str]:
+        """C++ first."""
+        return list(VARIANTS[params["name"]])
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def ratios(self, params: dict[str, Any]) -> list[Ratio]:
+        """How many times slower than C++ the alternatives are, with the targets of the engine issue."""
+        return list(RATIOS[params["name"]])
+
+    def setup(self, params: dict[str, Any]) -> None:
+        """Builds the point's data and the callables of its variants."""
+        self.params = params
+        self._bytes: int = 0
+        self._fns: dict[str, tuple[Callable[[], object], float]] = getattr(self, f"_{params['name']}")(params)
+
+    def teardown(self) -> None:
+        """Drops the data."""
+        self._fns = {}
+
+    def prepare(self, variant: str) -> Callable[[], object]:
+        """The variant's callable (built in ``setup``)."""
+        return self._fns[variant][0]
+
+    def time_scale(self, variant: str) -> float:
+        """Per-sample Python loops run on a subset; their time is scaled linearly to the full size."""
+        return self._fns[variant][1]
+
+    # -- points -----------------------------------------------------------------------------------------
+
+    def _meta_sampling(self, p: dict[str, Any]) -> dict[str, tuple[Callable[[], object], float]]:
+        from dnet_fast.sampling import MetaBatchSampler
+
+        labels, count, m = imagenet_lt_labels(), p["indices"], p["m"]
+        sampler, rng = MetaBatchSampler(labels, seed=0), np.random.default_rng(0)
+        self.units_per_call = count
+        self.notes["data"] = f"ImageNet-LT-shaped labels (1,000 classes, {labels.size:,}); {count:,} indices per call"
+        return {
+            "cpp": (lambda: sampler.batches(0, count // m, m), 1.0),
+            "cpp_batch_calls": (lambda: [sampler.batch(s, m) for s in range(count // m)], 1.0),
+            "official_python": (lambda: official_class_aware(labels, count), 1.0),
+            "numpy_vectorised": (lambda: numpy_class_aware(labels, count, rng), 1.0),
+            "numpy_with_replacement": (lambda: _numpy_with_replacement(labels, count, rng), 1.0),
+        }
+
+    def _epoch_order(self, p: dict[str, Any]) -> dict[str, tuple[Callable[[], object], float]]:
+        from dnet_fast.sampling import epoch_order
+
+        labels, rng = imagenet_lt_labels(), np.random.default_rng(0)
+        self.units_per_call = labels.size
+
+        def order(kind: str) -> Callable[[], object]:
+            return lambda: epoch_order(labels, kind, seed=0, epoch=p["epoch"], num_epochs=p["epochs"])
+
+        fns = {"cpp": (order("uniform"), 1.0)}
+        fns |= {f"cpp_{k}": (order(k), 1.0) for k in ("class_aware", "sqrt", "progressive")}
+        fns["numpy_permutation"] = (lambda: rng.permutation(labels.size), 1.0)
+        self.notes["data"] = f"ImageNet-LT labels, epoch {p['epoch']} of {p['epochs']}; `cpp` = uniform order"
+        return fns
+
+    def _counting(self, p: dict[str, Any]) -> dict[str, tuple[Callable[[], object], float]]:
+        import torch
+
+        from dnet_fast.metrics import DeviceClassCounter, counts_from_logits
+        from dnet_fast.sampling import _C
+
+        rows, c, sub = p["rows"], p["classes"], p["official_subset"]
+        rng = np.random.default_rng(1)
+        logits = rng.standard_normal((rows, c), dtype=np.float32)
+        label = rng.integers(0, c, size=rows)
+        logits[np.arange(rows), label] += np.where(rng.random(rows) < 0.7, 10.0, 0.0).astype(np.float32)
+        z, y = torch.from_numpy(logits), torch.from_numpy(label)
+        device = DeviceClassCounter(c, "cpu")
+        self.units_per_call, self._bytes = rows, logits.nbytes
+        self._bandwidth()
+        return {
+            "cpp": (lambda: counts_from_logits(logits, label, c), 1.0),
+            "cpp_1thread": (lambda: _C.counts_from_logits(logits, label, c, 1, 1), 1.0),
+            "device_counter": (lambda: device.update(z, y), 1.0),
+            "numpy_argmax_bincount": (lambda: _numpy_counts(logits, label, c), 1.0),
+            "official_item_loop": (lambda: _official_item_loop(z[:sub], y[:sub], c), rows / sub),
+        }
+
+    def _acc_pass(self, p: dict[str, Any]) -> dict[str, tuple[Callable[[], object], float]]:
+        import torch
+
+        from dnet_fast.config import TrainConfig
+        from dnet_fast.engine import class_accuracy
+        from dnet_fast.metrics import DeviceClassCounter, HostClassCounter
+        from dnet_fast.models import build_model
+
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(p["images"], 3, 32, 32, generator=g)
+        labels = torch.arange(p["images"]) % p["classes"]
+        torch.manual_seed(0)
+        cfg = TrainConfig()
+        model = build_model(cfg.model, p["classes"]).eval()
+        bs = p["batch"]
+
+        def run(counter_cls: type) -> Callable[[], object]:
+            batches = lambda: ((images[i : i + bs], labels[i : i + bs]) for i in range(0, len(labels), bs))  # noqa: E731
+            return lambda: class_accuracy(model, batches(), p["classes"], cfg, torch.device("cpu"),
+                                          counter=counter_cls(p["classes"], "cpu") if counter_cls is DeviceClassCounter
+                                          else counter_cls(p["classes"]))
+
+        self.units_per_call = p["images"]
+        self.notes["data"] = f"CIFAR ResNet-32, {p['images']} val images of 32 px, batch {bs}, {p['classes']} classes"
+        return {"cpp": (run(HostClassCounter), 1.0), "device_counter": (run(DeviceClassCounter), 1.0)}
+
+    def _bandwidth(self) -> None:
+        mib = self.params["bandwidth_mib"]
+        self.bandwidth = memory_bandwidth(mib * 2**20)
+        self.notes["bandwidth"] = f"numpy copy of {mib} MiB (read + write counted): {self.bandwidth:.1f} GB/s"
+
+    def derived(self, point: dict[str, Any]) -> dict[str, Any]:
+        """GB/s of logits read per variant and its share of the measured copy bandwidth (counting point)."""
+        if not self._bytes or not point["variants"]:
+            return {}
+        rows = []
+        for name, v in point["variants"].items():
+            gbs = self._bytes / v["best_median_s"] / 1e9
+            rows.append({"variant": f"`{name}`", "GB/s read": gbs, "% of copy bandwidth": 100 * gbs / self.bandwidth})
+        return {"tables": [{"title": "Input throughput", "columns": ["variant", "GB/s read", "% of copy bandwidth"],
+                            "rows": rows}]}

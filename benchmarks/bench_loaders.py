@@ -5,15 +5,12 @@ Every variant does the same work: 224-px random-resized-crop + flip + normalise 
 source files (the baseline users have today); ``ffcv`` and ``dali`` read the converted shards of the same images;
 ``resident`` holds them decoded (uint8, R×R) and augments whole batches with tensor ops.
 
-Standalone: ``python benchmarks/bench_loaders.py [--quick] [--images N] [--workers W]``; or through the runner:
-``python -m benchmarks --only loaders``.
+Run it with ``python -m benchmarks --only loaders`` (``--set images=N --set workers=W`` override the point).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant
 
-__all__ = ["LoaderBenchmark", "main", "make_sources"]
+__all__ = ["LoaderBenchmark", "make_sources"]
 
 SEED = 0
 FULL = {"images": 2000, "classes": 20, "side": 256, "crop": 224, "batch": 64, "iters": 8, "workers": 2}
@@ -68,6 +62,7 @@ def _cycle(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
         epoch += 1
 
 
+@BENCHMARKS.register("loaders")
 class LoaderBenchmark(Benchmark):
     """``iters`` training batches per call from each loader; images/s is the column that matters."""
 
@@ -163,21 +158,3 @@ class LoaderBenchmark(Benchmark):
                 next(batches)
 
         return run
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs this benchmark alone through the runner (``python benchmarks/bench_loaders.py``)."""
-    from benchmarks import runner
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes")
-    p.add_argument("--out", type=Path, default=None, help="results folder")
-    args, rest = p.parse_known_args(argv)
-    forward = ["--only", "loaders", "--cpu", *(["--quick"] if args.quick else []), *rest]
-    return runner.main([*forward, *(["--out", str(args.out)] if args.out else [])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())  # the runner imports this file again as benchmarks.bench_loaders, which registers it
-else:
-    BENCHMARKS.register("loaders")(LoaderBenchmark)

@@ -1,9 +1,15 @@
-"""The ``step`` benchmark: one training iteration of the eager modes against the naive references, side by side."""
+"""The ``step`` benchmark: one training iteration of every meta mode (eager, and CUDA-graphed on a GPU) against the
+naive references, side by side, on the stack the engine trains (``dnet_fast.stack.build_stack``).
+
+CPU: the CIFAR ResNet-32 point (issue 2's targets). GPU (``--gpu``): ResNet-32 @32 fp32 and bf16, ResNet-50 @224
+bf16 — graph vs eager vs official-style, exact and driver vs CE, warm-up and capture time, peak memory, the fraction
+of the bf16 ceiling (``--set flops=true`` also counts FLOP per iteration, ``--set compile=true`` adds compiled
+backbones, ``--set points=r50_bf16`` selects points).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,34 +17,43 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant
+from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio
 from benchmarks.naive import NaiveExactStep, NaiveState, OfficialMetaLoader, OfficialStyleStep
 
-__all__ = ["FULL", "QUICK", "StepBenchmark", "balanced_meta_indices", "synthetic_problem"]
+__all__ = [
+    "CPU_POINTS",
+    "GPU_POINTS",
+    "QUICK_POINTS",
+    "StepBenchmark",
+    "balanced_meta_indices",
+    "library_stack",
+    "synthetic_problem",
+]
 
-#: The issue's setting: CIFAR-100 ResNet-32 at 32 px, batch 128, meta batch 100, 25 meta images per class.
-FULL = {
-    "model": "resnet32",
-    "width": 16,
-    "classes": 100,
-    "image": 32,
-    "batch": 128,
-    "meta_batch": 100,
-    "meta_per_class": 25,
-}
-#: Tiny shapes for ``--quick`` (seconds; checks the plumbing, not the speed).
-QUICK = {
-    "model": "resnet20",
-    "width": 4,
-    "classes": 10,
-    "image": 8,
-    "batch": 16,
-    "meta_batch": 10,
-    "meta_per_class": 3,
-}
-
+_R32 = {"model": "resnet32", "width": 16, "classes": 100, "image": 32, "batch": 128, "meta_batch": 100,
+        "meta_per_class": 25, "precision": "fp32", "channels_last": False, "naive": True}
+#: The issue's CPU setting: CIFAR-100 ResNet-32 at 32 px, batch 128, meta batch 100, 25 meta images per class.
+CPU_POINTS = ({"name": "r32_fp32", **_R32, "iters": 1},)
+#: GPU points; ``iters`` back-to-back iterations per timed call (replays are short; events need a long window).
+GPU_POINTS = (
+    {"name": "r32_fp32", **_R32, "iters": 50},
+    {"name": "r32_bf16", **_R32, "precision": "bf16", "channels_last": True, "naive": False, "iters": 50},
+    {"name": "r50_bf16", **_R32, "model": "resnet50", "classes": 1000, "image": 224, "meta_per_class": 1,
+     "precision": "bf16", "channels_last": True, "naive": False, "iters": 15},
+)
+#: ``--quick``: tiny shapes; checks the plumbing, not the speed.
+QUICK_POINTS = (
+    {"name": "r32_quick", **_R32, "model": "resnet20", "width": 4, "classes": 10, "image": 8, "batch": 16,
+     "meta_batch": 10, "meta_per_class": 3, "iters": 1},
+)
+FAST_MODES = ("off", "driver", "exact")
 LR = 0.1  # main SGD lr, also the virtual-step size α
 SEED = 0
+#: FLOP per image of one CE training step (PERFORMANCE.md §1: 3 × 2 × MAC of the forward).
+TRAIN_FLOP_PER_IMAGE = {"resnet32": 0.413e9, "resnet50": 24.5e9, "resnet20": 0.245e9, "resnet10": 5.34e9}
+#: Dense bf16 peaks (PERFORMANCE.md §1) and the planning figure (≈80 % of the SXM peak).
+PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H200": 989.4}
+PLANNING_TFLOPS = 790.0
 
 
 @dataclasses.dataclass
@@ -78,174 +93,245 @@ def synthetic_problem(p: dict[str, Any], device: torch.device, seed: int = SEED)
 
 
 def balanced_meta_indices(meta_y: Tensor, seed: int = SEED) -> Callable[[int, int], Tensor]:
-    """``fn(step, m) -> (m,) indices`` of a class-balanced meta batch, the fast path's draw.
+    """``fn(step, m) -> (m,) indices`` of a class-balanced meta batch, the fast path's draw (C++ sampler)."""
+    from dnet_fast.sampling import MetaBatchSampler
 
-    Uses ``dnet_fast.sampling.MetaBatchSampler`` (C++) when it imports; otherwise a seeded torch draw with the same
-    shape and balance (one image per class in a per-step random class order), so the benchmark runs before the
-    extension is built.
-    """
-    labels = meta_y.cpu().numpy()
-    try:
-        from dnet_fast.sampling import MetaBatchSampler
-
-        sampler = MetaBatchSampler(labels, seed=seed)
-    except ImportError:
-        return _torch_balanced(meta_y, seed)
+    sampler = MetaBatchSampler(meta_y.cpu().numpy(), seed=seed)
     return lambda step, m: torch.from_numpy(sampler.batch(step, m)).to(meta_y.device)
 
 
-def _torch_balanced(meta_y: Tensor, seed: int) -> Callable[[int, int], Tensor]:
-    c = int(meta_y.max()) + 1
-    k = meta_y.numel() // c  # meta sets here hold k images of every class, in class order
+def library_stack(p: dict[str, Any], mode: str, problem: Problem, device: torch.device, *, grad: str = "jvp",
+                  graph: bool = False, compile_backbone: bool = False) -> Any:
+    """The engine's stack (``build_stack``) for ``mode`` at point ``p``: CE, SGD lr 0.1 momentum 0.9 wd 2e-4,
+    Difficulty-Net H = 128 with Adam 1e-5; A set to the problem's accuracy vector."""
+    from dnet_fast.config import DiffNetConfig, MetaConfig, ModelConfig, RunConfig, TrainConfig
+    from dnet_fast.stack import build_stack
 
-    def draw(step: int, m: int) -> Tensor:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        classes = torch.randperm(c, generator=g).repeat(math.ceil(m / c))[:m]
-        return (classes * k + torch.randint(0, k, (m,), generator=g)).to(meta_y.device)
+    cfg = TrainConfig(
+        model=ModelConfig(backbone=p["model"], width=p["width"], channels_last=p["channels_last"]),
+        diffnet=DiffNetConfig(hidden=128, lr=1e-5),
+        meta=MetaConfig(mode=mode, grad=grad, meta_batch=p["meta_batch"]),
+        run=RunConfig(seed=SEED, precision=p["precision"], graph="on" if graph else "off",
+                      compile=compile_backbone),
+    ).validate()
+    stack = build_stack(cfg, problem.counts, device)
+    stack.meta.set_class_accuracy(problem.acc)
+    return stack
 
-    return draw
+
+def peak_tflops(device: torch.device) -> tuple[str | None, float | None]:
+    """(form factor, dense bf16 peak TFLOP/s) read from the device name; (None, None) when unknown."""
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        return "H200", PEAK_TFLOPS["H200"]
+    if "H100" in name:
+        key = "H100 PCIe" if "PCIe" in name else "H100 SXM"
+        return key, PEAK_TFLOPS[key]
+    return None, None
+
+
+def count_flops(fn: Callable[[], object]) -> float | None:
+    """FLOP of one call by ``torch.utils.flop_counter`` (matmul/conv only); None if the counter fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    except Exception:  # noqa: BLE001  (informative only: e.g. an op the counter cannot trace)
+        return None
+    return float(counter.get_total_flops())
 
 
 @BENCHMARKS.register("step")
 class StepBenchmark(Benchmark):
-    """One training iteration (data loading excluded) of every meta mode against the naive references.
+    """``iters`` training iterations per call (data loading excluded) of every meta mode vs the naive references.
 
     Variants: ``official`` (official-style loop, first-order virtual step on a fresh model copy), ``official_2nd``
     (the same with the CIFAR code's ``create_graph=True`` virtual step), ``naive_exact`` (model copy + plain double
-    backward), and the eager library modes ``off``, ``driver``, ``exact`` (meta.grad=jvp) and
-    ``exact_double_backward``. Every variant starts from the same weights.
+    backward), the library modes ``off``, ``driver``, ``exact`` (meta.grad=jvp), ``exact_double_backward`` (eager
+    ``TrainStep``), and on CUDA ``off_graph``, ``driver_graph``, ``exact_graph`` (captured). Every variant draws
+    its meta batch per iteration (the draw is part of the measured work).
     """
 
     name = "step"
-    description = "one training iteration, naive references vs eager meta modes"
+    description = "training iterations: naive references vs meta modes, eager and CUDA-graphed"
     baseline = "official"
-    VARIANTS = ("official", "official_2nd", "naive_exact", "off", "driver", "exact", "exact_double_backward")
 
     def grid(self, profile: Profile) -> list[dict[str, Any]]:
-        """One point: the issue's ResNet-32 setting, or tiny shapes with ``--quick``."""
-        return [{**(QUICK if profile.quick else FULL), "device": profile.device}]
+        """CPU: ResNet-32; GPU: ResNet-32 fp32/bf16 and ResNet-50 bf16; quick: tiny shapes. ``--set`` keys
+        override point values (``points=a,b`` selects; ``flops``, ``compile``, ``iters``, ``grad``)."""
+        points = QUICK_POINTS if profile.quick else GPU_POINTS if profile.device == "cuda" else CPU_POINTS
+        extra = dict(profile.extra)
+        chosen = extra.pop("points", None)
+        names = str(chosen).split(",") if chosen else [p["name"] for p in points]
+        return [{**p, **extra, "device": profile.device} for p in points if p["name"] in names]
 
-    def variants(self, params: dict[str, Any]) -> list[str]:  # noqa: ARG002  (same variants everywhere)
-        """All variants, naive ones first."""
-        return list(self.VARIANTS)
+    def sequential(self, params: dict[str, Any]) -> bool:
+        """One variant at a time on CUDA (peak memory per variant; large captured models do not fit together)."""
+        return params["device"] == "cuda"
 
-    def ratios(self, params: dict[str, Any]) -> list[Ratio]:  # noqa: ARG002  (targets do not depend on size)
-        """The issue's targets, plus informational ratios."""
-        return [
+    def variants(self, params: dict[str, Any]) -> list[str]:
+        """Naive references first, then the eager modes, then (CUDA) the graphed ones."""
+        out = ["official", "official_2nd", *(["naive_exact"] if params["naive"] else [])]
+        out += [*FAST_MODES, "exact_double_backward"]
+        if params["device"] == "cuda":
+            out += [f"{m}_graph" for m in FAST_MODES]
+            if params.get("compile"):
+                out += ["off_graph_compiled", "driver_graph_compiled"]
+        return out
+
+    def ratios(self, params: dict[str, Any]) -> list[Ratio]:
+        """Issue 2's eager targets, issue 15's graph targets (CUDA), and informational ratios."""
+        out = [
             Ratio("driver speed-up over official-style", "official", "driver", 2.5),
             Ratio("driver speed-up over official-style, 2nd-order CIFAR code", "official_2nd", "driver", 2.5),
             Ratio("driver overhead over off", "driver", "off", 1.05, higher_is_better=False),
             Ratio("exact speed-up over naive exact", "naive_exact", "exact", 1.5),
-            Ratio(
-                "exact (double_backward) speed-up over naive exact", "naive_exact", "exact_double_backward"
-            ),
+            Ratio("exact (double_backward) speed-up over naive exact", "naive_exact", "exact_double_backward"),
             Ratio("exact cost over off (SPEC est. 3.4-3.8)", "exact", "off", higher_is_better=False),
             Ratio("exact: double_backward / jvp", "exact_double_backward", "exact", higher_is_better=False),
-            Ratio(
-                "official-style cost over off (PERFORMANCE est. 2.78)",
-                "official",
-                "off",
-                higher_is_better=False,
-            ),
+            Ratio("official-style cost over off (PERFORMANCE est. 2.78)", "official", "off", higher_is_better=False),
         ]
+        if params["device"] != "cuda":
+            return out
+        r50 = params["model"] == "resnet50"
+        out += [
+            Ratio("exact cost over CE (graph)", "exact_graph", "off_graph", 3.0, higher_is_better=False),
+            Ratio("driver cost over CE (graph)", "driver_graph", "off_graph", 1.05, higher_is_better=False),
+            Ratio("exact graph speed-up over official-style", "official", "exact_graph", None if r50 else 5.0),
+            Ratio("exact graph speed-up over official-style (2nd order)", "official_2nd", "exact_graph",
+                  None if r50 else 5.0),
+            Ratio("driver graph speed-up over official-style", "official", "driver_graph"),
+        ]
+        for mode in FAST_MODES:
+            bound = 1.1 if r50 else (3.0 if mode == "exact" else None)
+            out.append(Ratio(f"{mode}: graph speed-up over eager", mode, f"{mode}_graph", bound))
+        out += [Ratio(f"{m}: compiled graph speed-up over graph", f"{m}_graph", f"{m}_graph_compiled")
+                for m in ("off", "driver")]
+        return out
 
     def setup(self, params: dict[str, Any]) -> None:
-        """Builds the shared data and the reference initial weights."""
-        try:
-            from dnet_fast.models import build_model  # noqa: F401  (availability check)
-        except ImportError as exc:
-            msg = f"dnet_fast.models not importable: {exc}"
-            raise SkipVariant(msg) from exc
+        """Builds the shared data and sets cuDNN autotuning (the official CIFAR code sets it; so do we here)."""
         self.params = params
         self.device = torch.device(params["device"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.data = synthetic_problem(params, self.device)
         self.meta_indices = balanced_meta_indices(self.data.meta_y)
-        self.init_state = {k: v.clone() for k, v in self._fresh_model(seed=SEED).state_dict().items()}
-        self.units_per_call = params["batch"]
-        self.notes = {}
+        self.units_per_call = params["batch"] * params["iters"]
+        self._live: dict[str, Any] = {}
 
     def teardown(self) -> None:
         """Drops the shared tensors."""
-        self.data = self.init_state = None
+        self.data = None
+        self._live = {}
 
     # -- construction helpers -------------------------------------------------------------------------
 
-    def _fresh_model(self, seed: int | None = None) -> nn.Module:
+    def _fresh_model(self) -> nn.Module:
         from dnet_fast.config import ModelConfig
         from dnet_fast.models import build_model
 
-        if seed is not None:
-            torch.manual_seed(seed)
+        torch.manual_seed(SEED)  # the same initial weights as build_stack gives the library variants
         cfg = ModelConfig(backbone=self.params["model"], width=self.params["width"])
         return build_model(cfg, self.params["classes"]).to(self.device).train()
-
-    def _start_model(self) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = self._fresh_model(seed=SEED)
-        model.load_state_dict(self.init_state)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=2e-4)
-        return model, opt
-
-    def _meta_batch(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = self.meta_indices(step, self.params["meta_batch"])
-        return self.data.meta_x.index_select(0, idx), self.data.meta_y.index_select(0, idx)
 
     def _naive_state(self) -> NaiveState:
         from dnet_fast.models import DifficultyNet
 
-        model, opt = self._start_model()
+        model = self._fresh_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=2e-4)
         torch.manual_seed(SEED + 1)
         diffnet = DifficultyNet(self.params["classes"], 128, bias=False).to(self.device)
         adam = torch.optim.Adam(diffnet.parameters(), lr=1e-5, weight_decay=1e-4)
         return NaiveState(model, diffnet, opt, adam, self.data.acc.clone(), lambda_dr=0.3)
 
-    # -- variants ---------------------------------------------------------------------------------------
+    def _meta_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        idx = self.meta_indices(step, self.params["meta_batch"])
+        return self.data.meta_x.index_select(0, idx), self.data.meta_y.index_select(0, idx)
 
-    def prepare(self, variant: str) -> Callable[[], object]:
-        """Builds ``variant`` from the initial weights; returns one training iteration."""
-        if variant.startswith("official"):
-            return self._official(second_order=variant == "official_2nd")
-        if variant == "naive_exact":
-            return self._counted(NaiveExactStep(self._naive_state()).step, needs_meta=True)
-        return self._library_mode(variant)
-
-    def _official(self, *, second_order: bool) -> Callable[[], object]:
-        state = self._naive_state()
-        d = self.data
-        loader = OfficialMetaLoader(d.meta_x, d.meta_y, self.params["meta_batch"], seed=SEED)
-        step = OfficialStyleStep(state, self._fresh_model, loader, second_order=second_order)
-        return lambda: step.step(d.x, d.y)
-
-    def _counted(self, step_fn: Callable[..., object], *, needs_meta: bool) -> Callable[[], object]:
-        """Wraps a step so each call draws the next meta batch (drawing is part of the measured work)."""
+    def _iterations(self, step_fn: Callable[..., object], *, needs_meta: bool) -> Callable[[], object]:
+        """``iters`` iterations per call; each draws the next meta batch (drawing is part of the measured work)."""
         counter = iter(range(1 << 62))
-        d = self.data
+        d, iters = self.data, self.params["iters"]
 
         def call() -> object:
-            meta = self._meta_batch(next(counter)) if needs_meta else None
-            return step_fn(d.x, d.y, meta)
+            out = None
+            for _ in range(iters):
+                meta = self._meta_batch(next(counter)) if needs_meta else None
+                out = step_fn(d.x, d.y, meta)
+            return out
 
         return call
 
-    def _library_mode(self, variant: str) -> Callable[[], object]:
-        try:
-            from dnet_fast.config import MetaConfig, ModelConfig, TrainConfig
-            from dnet_fast.losses import build_loss
-            from dnet_fast.meta import build_meta_mode
-        except ImportError as exc:
-            msg = f"dnet_fast.meta / losses not importable yet: {exc}"
-            raise SkipVariant(msg) from exc
-        mode, grad = ("exact", "double_backward") if variant == "exact_double_backward" else (variant, "jvp")
-        p = self.params
-        cfg = TrainConfig(
-            model=ModelConfig(backbone=p["model"], width=p["width"]),
-            meta=MetaConfig(mode=mode, grad=grad, meta_batch=p["meta_batch"]),
-        )
-        model, opt = self._start_model()
-        criterion = build_loss(cfg.loss, self.data.counts, cfg.optim.epochs).to(self.device)
-        torch.manual_seed(SEED + 1)
-        mm = build_meta_mode(cfg, model, criterion, opt, p["classes"])
-        mm.set_class_accuracy(self.data.acc)
-        reason = getattr(mm, "grad_fallback_reason", None)
+    # -- variants ---------------------------------------------------------------------------------------
+
+    def prepare(self, variant: str) -> Callable[[], object]:
+        """Builds ``variant`` from the initial weights and runs one untimed call (capture for graph variants)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if variant.startswith("official"):
+            state, d = self._naive_state(), self.data
+            loader = OfficialMetaLoader(d.meta_x, d.meta_y, self.params["meta_batch"], seed=SEED)
+            step = OfficialStyleStep(state, self._fresh_model, loader, second_order=variant == "official_2nd")
+            fn = self._iterations(lambda x, y, _meta: step.step(x, y), needs_meta=False)
+        elif variant == "naive_exact":
+            fn = self._iterations(NaiveExactStep(self._naive_state()).step, needs_meta=True)
+        else:
+            fn = self._library(variant)
+        fn()
+        return fn
+
+    def _library(self, variant: str) -> Callable[[], object]:
+        mode = variant.split("_")[0]
+        grad = "double_backward" if "double_backward" in variant else self.params.get("grad", "jvp")
+        stack = library_stack(self.params, mode, self.data, self.device, grad=grad, graph="graph" in variant,
+                              compile_backbone=variant.endswith("compiled"))
+        self._live[variant] = stack
+        reason = getattr(stack.meta, "grad_fallback_reason", None)
         if reason:
             self.notes[variant] = f"meta.grad=jvp fell back to double_backward: {reason}"
-        return self._counted(mm.step, needs_meta=mm.needs_meta_batch)
+        return self._iterations(stack.step.step, needs_meta=stack.meta.needs_meta_batch)
+
+    # -- measurements beyond time -----------------------------------------------------------------------
+
+    def metrics(self, variant: str) -> dict[str, Any]:
+        """Graph warm-up/capture seconds, peak memory (CUDA) and, with ``flops``, FLOP per iteration."""
+        out: dict[str, Any] = {}
+        stack = self._live.get(variant)
+        if stack is not None and stack.step.graph:
+            out |= {"graph_warmup_s": stack.step.warmup_seconds, "capture_s": stack.step.capture_seconds}
+        if self.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.params.get("flops") and stack is not None and not stack.step.graph:
+            mb = self._meta_batch(0) if stack.meta.needs_meta_batch else None
+            out["flop_per_iter"] = count_flops(lambda: stack.step.step(self.data.x, self.data.y, mb))
+        return out
+
+    def release(self, variant: str) -> None:
+        """Drops the variant's stack (sequential CUDA points)."""
+        self._live.pop(variant, None)
+
+    def derived(self, point: dict[str, Any]) -> dict[str, Any]:
+        """Fraction of the bf16 ceiling per variant (CUDA): CE-equivalent TFLOP/s and, if counted, actual."""
+        form, peak = peak_tflops(self.device)
+        ce_flop = TRAIN_FLOP_PER_IMAGE.get(self.params["model"])
+        if peak is None or ce_flop is None:
+            return {}
+        counted = {n: v["metrics"].get("flop_per_iter") for n, v in point["variants"].items()}
+        rows = []
+        for name, v in point["variants"].items():
+            flop = counted.get(name) or counted.get(name.replace("_graph", "").replace("_compiled", ""))
+            tflops = v["units_per_s"] * ce_flop / 1e12
+            row = {"variant": f"`{name}`", "img/s": v["units_per_s"], "CE-equiv TFLOP/s": tflops,
+                   "% of planning 790": 100 * tflops / PLANNING_TFLOPS, f"% of {form} peak": 100 * tflops / peak}
+            if flop:
+                counted_tflops = flop / (v["best_median_s"] / self.params["iters"]) / 1e12
+                row["counted TFLOP/s"] = counted_tflops
+                row[f"counted % of {form} peak"] = 100 * counted_tflops / peak
+            rows.append(row)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        return {"tables": [{"title": f"Fraction of the dense bf16 ceiling ({form}, {peak} TFLOP/s)",
+                            "columns": columns, "rows": rows}]}

@@ -343,20 +343,44 @@ def test_e2e_benchmark_quick_smoke(tmp_path):
     assert "extrapolated, not measured" in md
 
 
-def test_engine_suite_quick_smoke(tmp_path):
+def test_engine_benchmark_quick_smoke(tmp_path):
     payload = _quick_run("engine", tmp_path / "engine")
     points = {p["params"]["name"]: p for p in payload["benchmarks"][0]["points"]}
-    assert set(points) == {"meta_sampling", "epoch_order", "counting", "logits"}
+    assert set(points) == {"meta_sampling", "epoch_order", "counting", "acc_pass"}
     for point in points.values():
         assert "error" not in point, point.get("error")
         assert not point["skipped"]
         assert point["variants"]["cpp"]["speedup_vs_baseline"] == 1.0
     counting = points["counting"]["variants"]
-    assert counting["official_item_loop"]["time_scale"] == 100.0  # timed on 1,000 of 100,000 predictions
+    assert counting["official_item_loop"]["time_scale"] == 10.0  # timed on 200 of 2,000 rows
     assert counting["cpp"]["time_scale"] == 1.0
     assert points["counting"]["derived"]["tables"][0]["title"] == "Input throughput"
     names = {r["name"] for r in points["meta_sampling"]["ratios"]}
     assert "official Python ClassAwareSampler / C++" in names
+
+
+def test_step_benchmark_gpu_grid_and_variants():
+    from benchmarks.bench_step import StepBenchmark
+    from benchmarks.harness import Profile
+
+    bench = StepBenchmark()
+    gpu = {p["name"]: p for p in bench.grid(Profile(device="cuda"))}
+    assert set(gpu) == {"r32_fp32", "r32_bf16", "r50_bf16"}
+    assert bench.variants(gpu["r50_bf16"]) == [
+        "official", "official_2nd", "off", "driver", "exact", "exact_double_backward",
+        "off_graph", "driver_graph", "exact_graph",
+    ]
+    assert bench.sequential(gpu["r50_bf16"])
+    targets = {r.name: r.target for r in bench.ratios(gpu["r50_bf16"])}
+    assert targets["exact: graph speed-up over eager"] == 1.1
+    assert targets["exact cost over CE (graph)"] == 3.0
+    assert targets["driver cost over CE (graph)"] == 1.05
+    r32 = {r.name: r.target for r in bench.ratios(gpu["r32_fp32"])}
+    assert r32["exact graph speed-up over official-style"] == 5.0
+    assert r32["exact: graph speed-up over eager"] == 3.0
+    chosen = bench.grid(Profile(device="cuda", extra={"points": "r50_bf16", "flops": True}))
+    assert [(p["name"], p["flops"]) for p in chosen] == [("r50_bf16", True)]
+    assert [p["name"] for p in bench.grid(Profile())] == ["r32_fp32"]
 
 
 def test_e2e_grid_selects_points_and_overrides():
