@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -11,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["format_eval", "format_results", "run_label", "runs_table"]
+from dnet_fast.rundir import load_results, run_label
+
+__all__ = ["format_eval", "format_results", "runs_table"]
 
 _METRICS = ("top1", "many", "medium", "few")
 
@@ -37,16 +38,6 @@ def format_eval(result: dict[str, Any]) -> str:
     return f"{head}\n{row}\ncheckpoint: {result['checkpoint']} (epochs done: {result['epoch']})"
 
 
-def run_label(results: dict[str, Any]) -> str:
-    """A method name from a run's config, e.g. ``exact + ce`` or ``off + balanced_softmax``."""
-    cfg = results["config"]
-    mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
-    method = {"exact": "Difficulty-Net (exact)", "driver": "Difficulty-Net (driver)", "mwn": "MWN",
-              "off": ""}[mode]
-    loss_name = {"ce": "CE"}.get(loss, loss)
-    return f"{method} + {loss_name}" if method else loss_name
-
-
 def _seedless(path: Path) -> str:
     """The run folder without its trailing seed (``runs/demo/exact-seed2`` -> ``runs/demo/exact``)."""
     return str(path.parent / re.sub(r"[-_]?(seed|s)\d+$", "", path.name))
@@ -56,14 +47,7 @@ def runs_table(run_dirs: list[str]) -> str:
     """Markdown table of finished runs, grouped by method, with mean ± std over the runs in each group."""
     groups: dict[str, list[dict[str, float]]] = defaultdict(list)
     for run in run_dirs:
-        path = Path(run) / "results.json"
-        if not path.is_file():
-            msg = f"{path}: no results.json (has the run finished?)"
-            raise FileNotFoundError(msg)
-        results = json.loads(path.read_text())
-        if "test" not in results:
-            msg = f"{path}: the run stopped before the end; no test result"
-            raise ValueError(msg)
+        results = load_results(run)
         groups[(run_label(results), _seedless(Path(run)))].append(results["test"])
     labels = [label for label, _ in groups]
     lines = ["| method | runs | top-1 | many | medium | few |", "|---|---|---|---|---|---|"]
