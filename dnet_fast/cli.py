@@ -1,4 +1,4 @@
-"""The ``dnet-fast`` command line: train | eval | info | report | bench (parse → config → one library call)."""
+"""The ``dnet-fast`` command line: train | eval | info | report | plot | compare | bench (parse → one library call)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,25 @@ def get_parser() -> argparse.ArgumentParser:
     info.add_argument("--presets", action="store_true", help="list the shipped presets")
     info.add_argument("--json", action="store_true")
 
-    report = sub.add_parser("report", help="table of finished runs (mean ± std over seeds)")
+    report = sub.add_parser(
+        "report", help="table of finished runs (mean ± std over seeds, final weight spread)",
+        epilog="For paired differences by seed with 95 %% confidence intervals: dnet-fast compare A... --vs B...",
+    )
     report.add_argument("runs", nargs="+", help="run directories holding results.json")
+
+    plot = sub.add_parser("plot", help="PNG figures: paper Figs. 2-4, per-class accuracy, training curves")
+    plot.add_argument("runs", nargs="+", help="run directories (history.jsonl, results.json, metrics.jsonl)")
+    plot.add_argument("--out", default=None,
+                      help="folder for the PNGs (default: the run directory, or the runs' common parent)")
+
+    compare = sub.add_parser(
+        "compare", help="paired B - A differences by seed with 95 %% Student-t confidence intervals",
+        usage="%(prog)s A_RUN [A_RUN ...] --vs B_RUN [B_RUN ...] [--json]",
+    )
+    compare.add_argument("a_runs", nargs="+", metavar="A_RUN", help="finished runs of method A")
+    compare.add_argument("--vs", dest="b_runs", nargs="+", required=True, metavar="B_RUN",
+                         help="finished runs of method B (paired with A by config.run.seed)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
     bench = sub.add_parser("bench", help="run the benchmark suite from a source checkout (runner's own flags)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
@@ -124,9 +141,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dnet_fast.report import runs_table
+    from dnet_fast.report import format_report
 
-    print(runs_table(args.runs))
+    print(format_report(args.runs))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from dnet_fast.plots import plot_runs
+
+    done = plot_runs(args.runs, args.out)
+    for line in done.skipped:
+        print(f"dnet-fast plot: note: {line}", file=sys.stderr)
+    for path in done.written:
+        print(path)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dnet_fast.compare import compare_runs, format_comparison
+
+    comparison = compare_runs(args.a_runs, args.b_runs)
+    print(json.dumps(comparison.as_dict(), indent=2) if args.json else format_comparison(comparison))
     return 0
 
 
@@ -141,7 +177,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "report": _cmd_report,
-             "bench": _cmd_bench}
+             "plot": _cmd_plot, "compare": _cmd_compare, "bench": _cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError) as err:
-        # Bad values, unknown names, unreadable files: one clear line, non-zero exit, nothing written.
+    except (ValueError, OSError, ImportError) as err:
+        # Bad values, unknown names, unreadable files, a missing optional dependency (matplotlib for plot):
+        # one clear line, non-zero exit, nothing written.
         print(f"dnet-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

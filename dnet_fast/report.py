@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["format_eval", "format_results", "run_label", "runs_table"]
+from dnet_fast.history import read_history
+from dnet_fast.plots import figure_paths
+from dnet_fast.rundir import load_results, run_label
+
+__all__ = ["format_eval", "format_report", "format_results", "runs_table"]
 
 _METRICS = ("top1", "many", "medium", "few")
+_COMPARE_HINT = ("paired differences between two methods (by seed, with 95 % Student-t intervals): "
+                 "dnet-fast compare A_RUN... --vs B_RUN...")
 
 
 def _pct(value: float | None) -> str:
@@ -37,44 +43,74 @@ def format_eval(result: dict[str, Any]) -> str:
     return f"{head}\n{row}\ncheckpoint: {result['checkpoint']} (epochs done: {result['epoch']})"
 
 
-def run_label(results: dict[str, Any]) -> str:
-    """A method name from a run's config, e.g. ``exact + ce`` or ``off + balanced_softmax``."""
-    cfg = results["config"]
-    mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
-    method = {"exact": "Difficulty-Net (exact)", "driver": "Difficulty-Net (driver)", "mwn": "MWN",
-              "off": ""}[mode]
-    loss_name = {"ce": "CE"}.get(loss, loss)
-    return f"{method} + {loss_name}" if method else loss_name
-
-
 def _seedless(path: Path) -> str:
     """The run folder without its trailing seed (``runs/demo/exact-seed2`` -> ``runs/demo/exact``)."""
     return str(path.parent / re.sub(r"[-_]?(seed|s)\d+$", "", path.name))
 
 
-def runs_table(run_dirs: list[str]) -> str:
-    """Markdown table of finished runs, grouped by method, with mean ± std over the runs in each group."""
-    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+def _mean_std(values: Sequence[float], fmt: str) -> str:
+    """``mean ± std`` (ddof = 1) of the non-NaN values, ``mean`` for one, ``n/a`` for none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]  # an empty shot group has no accuracy (NaN / null); runs without history
+    if not len(values):
+        return "n/a"
+    with np.errstate(invalid="ignore"):  # an infinite weight ratio has an undefined std: shown as nan
+        std = f" ± {np.std(values, ddof=1):{fmt}}" if len(values) > 1 else ""
+    return f"{np.mean(values):{fmt}}{std}"
+
+
+def _final_spread(run: str | Path) -> tuple[float, float]:
+    """(w_max / w_min, E) at the run's last A_C refresh from history.jsonl; NaN where the run has none."""
+    try:
+        history = read_history(run)
+    except (FileNotFoundError, ValueError):
+        return math.nan, math.nan  # a run from before history files, or one without a readable history
+    w_row, d_row = history.last_row_with("weights"), history.last_row_with("difficulty")
+    ratio = math.nan
+    if w_row is not None:
+        w = history.weights[w_row]
+        with np.errstate(divide="ignore"):  # CDB-CE gives weight 0 to a class at accuracy 1: ratio inf
+            ratio = float(np.divide(np.nanmax(w), np.nanmin(w)))
+    return ratio, math.nan if d_row is None else float(history.entropy[d_row])
+
+
+def runs_table(run_dirs: Sequence[str]) -> str:
+    """Markdown table of finished runs, grouped by method, with mean ± std over the runs in each group.
+
+    Besides the test accuracies (%), each group shows the final class-weight spread w_max/w_min and the entropy
+    E of the difficulties at the last A_C refresh (from history.jsonl; n/a for runs without one): values near
+    1 and 0 mean the learned weighting has become near-uniform (SPEC §4.4).
+    """
+    groups: dict[tuple[str, str], list[tuple[dict[str, float], tuple[float, float]]]] = defaultdict(list)
     for run in run_dirs:
-        path = Path(run) / "results.json"
-        if not path.is_file():
-            msg = f"{path}: no results.json (has the run finished?)"
-            raise FileNotFoundError(msg)
-        results = json.loads(path.read_text())
-        if "test" not in results:
-            msg = f"{path}: the run stopped before the end; no test result"
-            raise ValueError(msg)
-        groups[(run_label(results), _seedless(Path(run)))].append(results["test"])
+        results = load_results(run)
+        groups[(run_label(results), _seedless(Path(run)))].append((results["test"], _final_spread(run)))
     labels = [label for label, _ in groups]
-    lines = ["| method | runs | top-1 | many | medium | few |", "|---|---|---|---|---|---|"]
-    for (label, name), tests in groups.items():
+    lines = ["| method | runs | top-1 | many | medium | few | w_max/w_min | E |", "|---|---|---|---|---|---|---|---|"]
+    for (label, name), runs in groups.items():
         # The folder name tells apart groups that train the same method (e.g. two λ values).
         label = f"{label} [{name}]" if labels.count(label) > 1 else label
-        cells = []
-        for key in _METRICS:
-            values = np.array([np.nan if t[key] is None else t[key] for t in tests], dtype=float) * 100
-            values = values[~np.isnan(values)]  # an empty shot group has no accuracy (NaN / null)
-            std = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
-            cells.append(f"{np.mean(values):.2f}{std}" if len(values) else "n/a")
-        lines.append(f"| {label} | {len(tests)} | " + " | ".join(cells) + " |")
+        cells = [_mean_std([np.nan if t[key] is None else 100 * t[key] for t, _ in runs], ".2f")
+                 for key in _METRICS]
+        cells += [_mean_std([spread[0] for _, spread in runs], ".4g"),
+                  _mean_std([spread[1] for _, spread in runs], ".3g")]
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _figures(run_dirs: Sequence[str]) -> list[Path]:
+    """PNGs of ``dnet-fast plot`` (default locations) for each run alone and for all of them together."""
+    sets = [[run] for run in run_dirs] + ([list(run_dirs)] if len(run_dirs) > 1 else [])
+    found = (path for runs in sets for path in figure_paths(runs).values())
+    return [path for path in dict.fromkeys(found) if path.is_file()]
+
+
+def format_report(run_dirs: Sequence[str]) -> str:
+    """What ``dnet-fast report`` prints: `runs_table`, the figures already plotted and the compare command."""
+    lines = [runs_table(run_dirs), "",
+             "w_max/w_min, E: class-weight spread and difficulty entropy at the last A_C refresh "
+             "(1 and 0 = uniform weights)"]
+    figures = _figures(run_dirs)
+    if figures:
+        lines += ["figures (dnet-fast plot):", *(f"  {path}" for path in figures)]
+    return "\n".join([*lines, _COMPARE_HINT])

@@ -1,8 +1,9 @@
-"""Smoke tests of the command line: train, eval, info, report and bad input."""
+"""Smoke tests of the command line: train, eval, info, report, plot, compare and bad input."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dnet_fast.cli import main
+from tests.runfiles import write_results
 
 
 def test_info(capsys):
@@ -43,6 +45,43 @@ def test_train_eval_report(tiny_overrides, tmp_path, capsys):
 
     assert main(["report", str(run)]) == 0
     assert "Difficulty-Net (exact) + CE" in capsys.readouterr().out
+
+    # plot reads the real run's results.json and metrics.jsonl (history.jsonl only once the engine writes it)
+    assert main(["plot", str(run)]) == 0
+    captured = capsys.readouterr()
+    written = captured.out.split()
+    assert str(run / "per_class_accuracy.png") in written
+    assert str(run / "curves.png") in written
+    assert all(Path(p).is_file() for p in written)
+
+
+def test_plot_and_compare_hand_made_runs(tmp_path, capsys):
+    test = {"top1": 0.5, "many": 0.9, "medium": 0.5, "few": 0.1, "per_class": [0.9, 0.8, 0.7, 0.5, 0.3, 0.1]}
+    a = [write_results(tmp_path / f"ce-seed{s}", seed=s, mode="off", test=test) for s in range(3)]
+    b = [write_results(tmp_path / f"dnet-seed{s}", seed=s, test={**test, "top1": 0.5 + s / 100})
+         for s in range(2)]
+    assert main(["plot", *map(str, a[:1] + b[:1]), "--out", str(tmp_path / "figs")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(tmp_path / "figs" / "per_class_accuracy-ce-seed0+dnet-seed0.png")]
+    assert "note: fig2_difficulty: left out" in captured.err
+
+    assert main(["compare", *map(str, a), "--vs", *map(str, b)]) == 0
+    out = capsys.readouterr().out
+    assert "95 % Student-t confidence interval" in out
+    assert "| top-1 | 2 | +0.50 |" in out
+    assert f"left out (no run with the same seed on the other side): {a[2]} (seed 2)" in out
+    assert main(["compare", *map(str, a), "--vs", *map(str, b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["top1"]["n"] == 2
+
+
+def test_plot_and_compare_errors_are_one_line(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert main(["compare", str(tmp_path / "nope"), "--vs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"dnet-fast plot: error: .* not a run directory", err[0])
+    assert re.fullmatch(r"dnet-fast compare: error: .* no results\.json \(has the run finished\?\)", err[1])
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path)])  # --vs is required
 
 
 def test_tensorboard_events_written(tiny_overrides, tmp_path):

@@ -1,0 +1,108 @@
+"""Reading a run directory back: results.json, metrics.jsonl, JSON-lines files with a torn last line, labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS_FILE", "RESULTS_FILE", "load_results", "read_jsonl", "read_metrics", "run_label", "run_seed"]
+
+RESULTS_FILE = "results.json"  # written by engine.fit at the end of a run (also when stopped early)
+METRICS_FILE = "metrics.jsonl"  # runlog.RunLog.log rows {"kind": "train" | "epoch", "step", ...}
+
+
+def read_jsonl(path: str | Path, *, skip_damaged: bool = False) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, one per line, in file order.
+
+    An append-only writer killed mid-write can only tear the last line, so an unparsable last line is dropped;
+    an unparsable line anywhere else raises ``ValueError`` naming the line, unless ``skip_damaged``.
+
+    Args:
+        path: the file.
+        skip_damaged: skip every unparsable line. For files that a resumed writer appends to without repairing
+            them first (metrics.jsonl: the torn row of the killed run and the first row of the resumed one then
+            share a line).
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) or skip_damaged:
+                continue  # torn by a killed writer
+            msg = f"{path}:{number}: not a JSON line ({err.msg})"
+            raise ValueError(msg) from err
+        if not isinstance(row, dict):
+            msg = f"{path}:{number}: expected a JSON object, got {type(row).__name__}"
+            raise ValueError(msg)
+        rows.append(row)
+    return rows
+
+
+def load_results(run: str | Path, *, finished: bool = True) -> dict[str, Any]:
+    """``run/results.json``; with ``finished``, also requires the test result of a completed run.
+
+    Raises:
+        FileNotFoundError: the run has no results.json yet.
+        ValueError: ``finished`` and the run stopped before its test evaluation.
+    """
+    path = Path(run) / RESULTS_FILE
+    if not path.is_file():
+        msg = f"{path}: no results.json (has the run finished?)"
+        raise FileNotFoundError(msg)
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if finished and "test" not in results:
+        msg = f"{path}: the run stopped before the end; no test result"
+        raise ValueError(msg)
+    return results
+
+
+def read_metrics(run: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """``run/metrics.jsonl`` split by kind, each sorted by step, the last row per (kind, step) kept.
+
+    A resumed run appends again the rows a killed run had logged after its last checkpoint; the later row is
+    the one the resumed (and surviving) training produced.
+
+    Returns:
+        ``{"train": [...], "epoch": [...], ...}``: ``train`` rows are keyed by global iteration, ``epoch`` rows
+        by epoch index (as `runlog.RunLog.log` writes them).
+    """
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in read_jsonl(Path(run) / METRICS_FILE, skip_damaged=True):
+        latest[(str(row.get("kind")), int(row["step"]))] = row
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (kind, _), row in sorted(latest.items()):
+        out.setdefault(kind, []).append(row)
+    return out
+
+
+def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
+    """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``balanced_softmax``.
+
+    Args:
+        results: the run's results.json.
+        with_lambda: append the driver-loss weight of Difficulty-Net runs (``…, λ = 0.3``), for figures and
+            comparisons of λ values.
+    """
+    cfg = results["config"]
+    mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
+    method = {"exact": "Difficulty-Net (exact)", "driver": "Difficulty-Net (driver)", "mwn": "MWN",
+              "off": ""}[mode]
+    loss_name = {"ce": "CE"}.get(loss, loss)
+    label = f"{method} + {loss_name}" if method else loss_name
+    if with_lambda and mode in ("exact", "driver") and "lambda_dr" in cfg["meta"]:
+        label += f", λ = {cfg['meta']['lambda_dr']:g}"
+    return label
+
+
+def run_seed(results: dict[str, Any], run: str | Path) -> int:
+    """The run's seed (``config.run.seed``); ``ValueError`` naming the run when it is missing."""
+    try:
+        return int(results["config"]["run"]["seed"])
+    except (KeyError, TypeError) as err:
+        msg = f"{Path(run) / RESULTS_FILE}: no config.run.seed"
+        raise ValueError(msg) from err
