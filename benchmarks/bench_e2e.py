@@ -416,7 +416,7 @@ class E2EBenchmark(Benchmark):
 
     def _measure_eval(self) -> dict[str, Any]:
         """Seconds per image of one A_C pass: the released code's (DataLoader + PIL + ``.item()`` loop, fp32) and
-        dnet-fast's (``engine.class_accuracy`` over the val images kept on the device, as ``fit`` runs it)."""
+        dnet-fast's (``evaluation.class_accuracy`` over the val images kept on the device, as ``fit`` runs it)."""
         p = self.params
         n = min(p["eval_images"], len(self.bundle.val))
         first = np.arange(n)
@@ -440,7 +440,7 @@ class E2EBenchmark(Benchmark):
 
     def _resident_eval(self, model: nn.Module, cfg: Any, n: int) -> Tensor:
         """Per-class accuracy from the engine's forward over the first ``n`` resident meta images."""
-        from dnet_fast.engine import class_accuracy
+        from dnet_fast.evaluation import class_accuracy
 
         images, labels, bs = self.metaset.images[:n], self.metaset.labels[:n], cfg.run.eval_batch
         batches = ((images[s : s + bs], labels[s : s + bs]) for s in range(0, n, bs))

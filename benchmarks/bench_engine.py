@@ -278,7 +278,7 @@ class EngineBenchmark(Benchmark):
         import torch
 
         from dnet_fast.config import TrainConfig
-        from dnet_fast.engine import class_accuracy
+        from dnet_fast.evaluation import class_accuracy
         from dnet_fast.metrics import DeviceClassCounter, HostClassCounter
         from dnet_fast.models import build_model
 

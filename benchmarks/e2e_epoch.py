@@ -88,7 +88,7 @@ def _acc_table(params: dict[str, Any], costs: dict[str, Any]) -> dict[str, Any]:
     what = {
         "official": "released code: DataLoader (PIL decode + eval transform per image), fp32 forward, "
                     "per-sample `.item()` loop",
-        "engine": "dnet-fast `engine.class_accuracy` over the val images kept on the device, as `fit` runs it",
+        "engine": "dnet-fast `evaluation.class_accuracy` over the val images kept on the device, as `fit` runs it",
         "resident": "forward over the meta set already on the device (`MetaSet.images`), device counters",
     }
     rows = [

@@ -118,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dnet_fast.engine import evaluate_checkpoint
+    from dnet_fast.evaluation import evaluate_checkpoint
     from dnet_fast.report import format_eval
 
     result = evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)

@@ -1,53 +1,27 @@
-"""The training loop: per-epoch A_C measurement, meta steps, evaluation, checkpoints and resume."""
+"""The training loop: per-epoch A_C measurement, meta steps, the per-class history, checkpoints and resume."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from dnet_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dnet_fast.config import TrainConfig, config_from_dict, config_to_dict
-from dnet_fast.data import (
-    DATASETS,
-    DataBundle,
-    LoaderSpec,
-    MetaSet,
-    eval_batches,
-    group_accuracies,
-    make_loader,
-)
-from dnet_fast.metrics import DeviceClassCounter
-from dnet_fast.models import build_model
+from dnet_fast.checkpoint import load_checkpoint, save_checkpoint
+from dnet_fast.config import TrainConfig, config_to_dict
+from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, make_loader
+from dnet_fast.evaluation import class_accuracy, evaluate, evaluate_from_accuracy, resolve_device
+from dnet_fast.history import HistoryRow, HistoryWriter
+from dnet_fast.meta import class_weights
 from dnet_fast.plugins import check_names
 from dnet_fast.runlog import RunLog, progress
 from dnet_fast.schedule import apply_lr, lr_factor
 from dnet_fast.stack import TrainingStack, build_stack
 
-__all__ = ["EvalResult", "Session", "build_session", "evaluate", "evaluate_checkpoint", "fit", "resolve_device"]
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Accuracy of a model on one split: overall top-1, shot groups and per-class values (fractions)."""
-
-    top1: float
-    many: float
-    medium: float
-    few: float
-    per_class: tuple[float, ...]
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Scalars keyed ``{prefix}top1`` etc. (per-class values left out)."""
-        return {f"{prefix}{k}": getattr(self, k) for k in ("top1", "many", "medium", "few")}
+__all__ = ["Session", "build_session", "fit"]
 
 
 @dataclass
@@ -64,16 +38,6 @@ class Session:
     def device(self) -> torch.device:
         """The training device."""
         return self.stack.device
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        msg = "run.device=cuda but CUDA is not available (torch.cuda.is_available() is False)"
-        raise ValueError(msg)
-    return torch.device(name)
 
 
 def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
@@ -101,43 +65,11 @@ def build_session(cfg: TrainConfig) -> Session:
     return Session(cfg, bundle, stack, loader, valset)
 
 
-@torch.no_grad()
-def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                   cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode, counted on the device."""
-    was_training = model.training
-    model.eval()
-    counter = DeviceClassCounter(num_classes, device)
-    for x, y in batches:
-        with _autocast(cfg, device):
-            logits = model(_memory_format(x, cfg))
-        counter.update(logits.float(), y)
-    model.train(was_training)
-    return counter.per_class_accuracy()
-
-
 def _val_accuracy(s: Session) -> torch.Tensor:
     """A_C on the device-resident val set (no re-decoding per epoch)."""
     n, bs = len(s.valset), s.cfg.run.eval_batch
     batches = ((s.valset.images[i : i + bs], s.valset.labels[i : i + bs]) for i in range(0, n, bs))
     return class_accuracy(s.stack.model, batches, s.bundle.num_classes, s.cfg, s.device)
-
-
-def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
-             device: torch.device) -> EvalResult:
-    """Balanced top-1 and many/medium/few accuracies (groups from the training counts)."""
-    batches = eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size)
-    return evaluate_from_accuracy(class_accuracy(model, batches, bundle.num_classes, cfg, device), split, bundle)
-
-
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if cfg.run.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _memory_format(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if cfg.model.channels_last else x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,8 +134,69 @@ def _initial_accuracy(s: Session) -> torch.Tensor:
     return _val_accuracy(s)
 
 
-def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple[int, dict[str, Any]]:
-    """Runs one epoch of meta steps; returns the new global step and epoch statistics."""
+# ----------------------------------------------------------------------------------------------------------
+# The per-class history (dnet_fast.history): one row per A_C refresh
+
+
+def _loss_factors(s: Session) -> np.ndarray | None:
+    """(C,) factor on each sample's loss now: Difficulty-Net's w times the loss's own class weights (CB, LDAM-DRW,
+    CDB-CE); None when weights are per sample (MWN) and the loss has none."""
+    w = s.stack.meta.class_weights()  # ones for off, None for mwn
+    own = getattr(s.stack.criterion, "class_weight", None)
+    if w is None and own is None:
+        return None
+    factors = torch.ones(s.bundle.num_classes, dtype=torch.float64)
+    for part in (w, own):
+        if part is not None:
+            factors = factors * part.detach().double().cpu()  # sync point
+    return factors.numpy()
+
+
+def _difficulties(s: Session) -> np.ndarray | None:
+    meta = s.stack.meta
+    if meta.diffnet is None:
+        return None
+    with torch.no_grad():
+        _, d = class_weights(meta.diffnet, meta.acc, s.cfg.diffnet.normalize)
+    return d.double().cpu().numpy()  # sync point
+
+
+class _TrainCounts:
+    """Per-class train accuracy over the batches since the last refresh, from the step's running counters."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.mark()
+
+    def mark(self) -> None:
+        """Starts a new interval at the counters' current values."""
+        self._since = (self.counter.correct.clone(), self.counter.total.clone())
+
+    def accuracy(self) -> np.ndarray:
+        """(C,) accuracy since the mark; NaN for classes without a sample in the interval."""
+        correct = (self.counter.correct - self._since[0]).double().cpu()  # sync point
+        total = (self.counter.total - self._since[1]).double().cpu()
+        return torch.where(total > 0, correct / total.clamp_min(1), torch.nan).numpy()
+
+
+def _history_row(s: Session, step: int, epoch: int, acc: torch.Tensor, train_acc: np.ndarray | None, *,
+                 measured: bool) -> HistoryRow:
+    """The refresh just installed in the meta mode and the loss, as a history row."""
+    host_acc = acc.detach().double().cpu().numpy()  # sync point
+    return HistoryRow(step=step, epoch=epoch, acc=host_acc, difficulty=_difficulties(s), weights=_loss_factors(s),
+                      train_acc=train_acc, val_acc=host_acc if measured else None)
+
+
+def _install_accuracy(s: Session, epoch: int, acc: torch.Tensor) -> None:
+    """A_C for the iterations from now on: into the meta mode's static buffer and the loss's epoch buffers."""
+    s.stack.meta.set_class_accuracy(acc.to(s.device))
+    s.stack.criterion.start_epoch(epoch, acc.to(s.device))
+
+
+def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog,
+                 history: HistoryWriter) -> tuple[int, dict[str, Any], np.ndarray]:
+    """Runs one epoch of meta steps; returns the new global step, epoch statistics and the train accuracy of the
+    epoch's last refresh interval."""
     cfg, meta, step = s.cfg, s.stack.meta, s.stack.step
     s.stack.model.train()
     start, images = time.perf_counter(), 0
@@ -211,9 +204,14 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple
                        images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
     stats: dict[str, torch.Tensor] = {}
     step.counter.reset()
+    train_counts = _TrainCounts(step.counter)
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
-            meta.set_class_accuracy(_val_accuracy(s))
+            acc = _val_accuracy(s)
+            meta.set_class_accuracy(acc)
+            if global_step != history.last_step:  # at an epoch start the epoch's own refresh row covers it
+                history.append(_history_row(s, global_step, epoch, acc, train_counts.accuracy(), measured=True))
+                train_counts.mark()
         meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if meta.needs_meta_batch else None
         stats = _scalars(step.step(x, y, meta_batch))
         global_step += 1
@@ -222,9 +220,9 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple
             log.log("train", global_step, {**stats, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
     seconds = time.perf_counter() - start
     correct, total = step.counter.correct.sum(), step.counter.total.sum()
-    return global_step, {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
-                         "train_top1": correct / total.clamp_min(1),
-                         **{f"last_{k}": v for k, v in stats.items()}}
+    epoch_stats = {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
+                   "train_top1": correct / total.clamp_min(1), **{f"last_{k}": v for k, v in stats.items()}}
+    return global_step, epoch_stats, train_counts.accuracy()
 
 
 def _scalars(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,17 +262,19 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         _check_resumable(cfg, state["config"], path)
         progress_state = _restore(s, state)
         s.stack.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
+    history = HistoryWriter(out, s.bundle.num_classes, resume_step=progress_state["global_step"] if resume else None)
     acc = progress_state["next_acc"]
     if acc is None:
         acc = _initial_accuracy(s)
+        _install_accuracy(s, 0, acc)
+        history.append(_history_row(s, 0, 0, acc, None, measured=cfg.diffnet.init_acc == "eval"))
     first = progress_state["epoch"]
     last = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, first + stop_after)
     for epoch in range(first, last):
         apply_lr(s.stack.optimizer, lr_factor(epoch, cfg.optim))
-        s.stack.meta.set_class_accuracy(acc.to(s.device))
-        s.stack.criterion.start_epoch(epoch, acc.to(s.device))
+        _install_accuracy(s, epoch, acc)
         weights = _weight_stats(s)
-        global_step, train_stats = _train_epoch(s, epoch, progress_state["global_step"], log)
+        global_step, train_stats, train_acc = _train_epoch(s, epoch, progress_state["global_step"], log, history)
         # The val accuracy at the end of epoch e is A_C for epoch e + 1 (the model does not change in between).
         acc = _val_accuracy(s)
         val = evaluate_from_accuracy(acc, s.bundle.val, s.bundle)
@@ -286,6 +286,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         }
         log.log("epoch", epoch, {**train_stats, **val.as_dict("val_"), **weights,
                                  "lr": s.stack.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)})
+        # The next epoch's refresh is installed and recorded now, so its row is durable before this checkpoint.
+        _install_accuracy(s, epoch + 1, acc)
+        history.append(_history_row(s, global_step, epoch + 1, acc, train_acc, measured=True))
         state = _checkpoint_state(s, progress_state)
         save_checkpoint(out / "last.pt", state)
         if cfg.run.select == "val" and improved:
@@ -293,17 +296,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
     log.write_json("results.json", results)
     log.close()
+    history.close()
     return results
-
-
-def evaluate_from_accuracy(acc: torch.Tensor, split: Any, bundle: DataBundle) -> EvalResult:
-    """EvalResult from a per-class accuracy vector already measured on ``split``."""
-    per_class = acc.detach().float().cpu().numpy()  # sync point
-    counts = np.bincount(split.labels, minlength=bundle.num_classes)
-    present = counts > 0
-    groups = group_accuracies(per_class[present], bundle.class_counts[present])
-    top1 = float((per_class * counts).sum() / counts.sum())
-    return EvalResult(top1, groups["many"], groups["medium"], groups["few"], tuple(float(a) for a in per_class))
 
 
 def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, finished: bool) -> dict[str, Any]:
@@ -324,22 +318,3 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
     test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device)
     results["test"] = {**test.as_dict(), "per_class": list(test.per_class)}
     return results
-
-
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_dict(state["config"], source=str(path))
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
-    check_names(cfg)
-    dev = resolve_device(device)
-    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        msg = f"checkpoint {path} does not match its own config's model: {err}"
-        raise CheckpointError(msg) from err
-    result = evaluate(model, getattr(bundle, split), bundle, cfg, dev)
-    return {"checkpoint": str(path), "split": split, "epoch": state.get("epoch"), **result.as_dict(),
-            "per_class": list(result.per_class)}

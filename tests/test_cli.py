@@ -32,7 +32,7 @@ def test_train_eval_report(tiny_overrides, tmp_path, capsys):
     assert main(["train", "--meta", "exact", "--loss", "ce", *tiny_overrides]) == 0
     printed = capsys.readouterr().out
     assert "| test |" in printed
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "results.json", "last.pt"):
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "results.json", "last.pt", "history.jsonl"):
         assert (run / name).is_file(), name
     results = json.loads((run / "results.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -46,12 +46,12 @@ def test_train_eval_report(tiny_overrides, tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert "Difficulty-Net (exact) + CE" in capsys.readouterr().out
 
-    # plot reads the real run's results.json and metrics.jsonl (history.jsonl only once the engine writes it)
+    # plot reads the real run's results.json, metrics.jsonl and history.jsonl
     assert main(["plot", str(run)]) == 0
     captured = capsys.readouterr()
     written = captured.out.split()
-    assert str(run / "per_class_accuracy.png") in written
-    assert str(run / "curves.png") in written
+    for name in ("fig2_difficulty", "fig3_entropy", "fig4_weights", "per_class_accuracy", "curves"):
+        assert str(run / f"{name}.png") in written, name
     assert all(Path(p).is_file() for p in written)
 
 

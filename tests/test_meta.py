@@ -21,9 +21,9 @@ from dnet_fast.meta import (
     driver_loss,
     forward_ad_problem,
     meta_gradient_double_backward,
+    modes,
     weighted_mean,
 )
-from dnet_fast.meta import modes
 from dnet_fast.models import DifficultyNet, MetaWeightNet
 from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_config, tiny_param_groups
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
+from dnet_fast import plots
 from dnet_fast.checkpoint import load_checkpoint
 from dnet_fast.config import load_config
 from dnet_fast.engine import fit
@@ -42,6 +46,15 @@ def test_resume_is_bit_exact(tiny_overrides, tmp_path, mode):
         else:
             assert a[key] == b[key], key
     assert full["test"] == resumed["test"]
+    # The per-class history: no duplicate or missing refresh, the same rows, hence the same figures.
+    assert (tmp_path / "a" / "history.jsonl").read_bytes() == (tmp_path / "b" / "history.jsonl").read_bytes()
+    straight, again = plots.load_runs([tmp_path / "a"]), plots.load_runs([tmp_path / "b"])
+    for figure in (plots.difficulty_data, plots.entropy_data, plots.weights_data):
+        for da, db in zip(figure(straight), figure(again), strict=True):
+            for field in dataclasses.fields(da):
+                a_val, b_val = getattr(da, field.name), getattr(db, field.name)
+                if isinstance(a_val, np.ndarray):
+                    np.testing.assert_array_equal(a_val, b_val)
 
 
 def test_resume_refuses_a_different_config(tiny_overrides, tmp_path):

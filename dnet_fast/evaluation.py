@@ -1,0 +1,116 @@
+"""Evaluation: per-class accuracy of a model over batches, shot-group results, and checkpoint evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dnet_fast.checkpoint import CheckpointError, load_checkpoint
+from dnet_fast.config import TrainConfig, config_from_dict
+from dnet_fast.data import DATASETS, DataBundle, eval_batches, group_accuracies
+from dnet_fast.metrics import DeviceClassCounter
+from dnet_fast.models import build_model
+from dnet_fast.plugins import check_names
+
+__all__ = [
+    "EvalResult",
+    "class_accuracy",
+    "evaluate",
+    "evaluate_checkpoint",
+    "evaluate_from_accuracy",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of a model on one split: overall top-1, shot groups and per-class values (fractions)."""
+
+    top1: float
+    many: float
+    medium: float
+    few: float
+    per_class: tuple[float, ...]
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Scalars keyed ``{prefix}top1`` etc. (per-class values left out)."""
+        return {f"{prefix}{k}": getattr(self, k) for k in ("top1", "many", "medium", "few")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        msg = "run.device=cuda but CUDA is not available (torch.cuda.is_available() is False)"
+        raise ValueError(msg)
+    return torch.device(name)
+
+
+@torch.no_grad()
+def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                   cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode, counted on the device."""
+    was_training = model.training
+    model.eval()
+    counter = DeviceClassCounter(num_classes, device)
+    for x, y in batches:
+        with _autocast(cfg, device):
+            logits = model(_memory_format(x, cfg))
+        counter.update(logits.float(), y)
+    model.train(was_training)
+    return counter.per_class_accuracy()
+
+
+def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
+             device: torch.device) -> EvalResult:
+    """Balanced top-1 and many/medium/few accuracies (groups from the training counts)."""
+    batches = eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size)
+    return evaluate_from_accuracy(class_accuracy(model, batches, bundle.num_classes, cfg, device), split, bundle)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if cfg.run.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _memory_format(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.model.channels_last else x
+
+
+def evaluate_from_accuracy(acc: torch.Tensor, split: Any, bundle: DataBundle) -> EvalResult:
+    """EvalResult from a per-class accuracy vector already measured on ``split``."""
+    per_class = acc.detach().float().cpu().numpy()  # sync point
+    counts = np.bincount(split.labels, minlength=bundle.num_classes)
+    present = counts > 0
+    groups = group_accuracies(per_class[present], bundle.class_counts[present])
+    top1 = float((per_class * counts).sum() / counts.sum())
+    return EvalResult(top1, groups["many"], groups["medium"], groups["few"], tuple(float(a) for a in per_class))
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
+    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(state["config"], source=str(path))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
+    check_names(cfg)
+    dev = resolve_device(device)
+    bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        msg = f"checkpoint {path} does not match its own config's model: {err}"
+        raise CheckpointError(msg) from err
+    result = evaluate(model, getattr(bundle, split), bundle, cfg, dev)
+    return {"checkpoint": str(path), "split": split, "epoch": state.get("epoch"), **result.as_dict(),
+            "per_class": list(result.per_class)}
