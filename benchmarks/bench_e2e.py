@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks import e2e_epoch
+from benchmarks import e2e_epoch, official
 from benchmarks.e2e_data import (
     OfficialStyleDataset,
     build_sources,
@@ -24,7 +24,6 @@ from benchmarks.e2e_data import (
 )
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant, timeit
 from benchmarks.loopstats import GpuUtilSampler, TimedLoop
-from benchmarks.naive import NaiveState, OfficialClassAwareSampler, OfficialStyleStep
 
 __all__ = ["CPU_POINTS", "GPU_POINTS", "QUICK_POINTS", "E2EBenchmark"]
 
@@ -75,39 +74,6 @@ def _cycle(batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]) -> Iterato
         epoch += 1
 
 
-class _OfficialMeta:
-    """The released code's meta batches: a Python class-aware sampler picks each index, samples are collated one
-    by one, labels on the host and then copied (as a DataLoader batch is). The loop draws the batch in its data
-    phase (``draw``); the official step then takes it with ``next_batch``.
-
-    Args:
-        images: (N, 3, H, W) eval-transformed meta images (resident on the device: no decode is charged).
-        labels: (N,) labels.
-        m: meta batch size.
-        seed: sampler seed.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, m: int, seed: int) -> None:
-        self.images, self.m = images, m
-        self.labels = labels.tolist()  # host copy: indexing a device tensor per sample would sync every time
-        self.sampler = OfficialClassAwareSampler(self.labels, seed)
-        self.pending: tuple[Tensor, Tensor] | None = None
-
-    def draw(self) -> None:
-        """Draws and collates the next meta batch (the loop's data phase)."""
-        idx = [next(self.sampler) for _ in range(self.m)]
-        x = torch.stack([self.images[i] for i in idx])
-        y = torch.tensor([self.labels[i] for i in idx], dtype=torch.int64).to(self.images.device)
-        self.pending = (x, y)
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The drawn batch (x (m, 3, H, W), y (m,)); draws one if the loop did not."""
-        if self.pending is None:
-            self.draw()
-        batch, self.pending = self.pending, None
-        return batch
-
-
 @dataclasses.dataclass
 class _Live:
     """A prepared variant: its loop and what must be closed or reported with it."""
@@ -122,10 +88,10 @@ class E2EBenchmark(Benchmark):
     """``iters`` whole training iterations per call: loader, meta-batch draw, step; per-epoch A_C eval measured
     apart and added in the per-epoch extrapolation.
 
-    Variants: ``official`` (official-style iteration of ``benchmarks/naive.py``, first-order pseudo step on a
-    model copy refreshed by ``load_state_dict``, Python class-aware meta sampler, per-sample ``.item()``
-    accuracy loop, fed by a DataLoader that PIL-decodes JPEG files and transforms each image in worker
-    processes; fp32 as released), ``official_bf16`` (the same under bf16 autocast; GPU bf16 points) and the fast
+    Variants: ``official`` (the released code's iteration of the point's tree, ``benchmarks/official.py``: CIFAR's
+    fresh model copy with a second-order virtual step, or ImageNet/Places' persistent pseudo model; its shuffled
+    meta loader over the val set, its host syncs and input copies; fed by a DataLoader that PIL-decodes JPEG files
+    and transforms each image in worker processes; fp32 as released), ``official_bf16`` (the same under bf16 autocast; GPU bf16 points) and the fast
     path ``off`` / ``driver`` / ``exact`` (resident uint8 loader with batched augmentation, device meta set, C++
     meta sampler, ``TrainStep``: CUDA graph on GPU, eager on CPU).
     """
@@ -322,50 +288,45 @@ class E2EBenchmark(Benchmark):
     def _sampler(self) -> GpuUtilSampler | None:
         return GpuUtilSampler(self.device.index or 0) if self.cuda else None
 
+    def _tree(self) -> str:
+        """The official tree this point's family follows."""
+        return "cifar" if self.params["family"] == "cifar" else "imagenet_places"
+
     def _official(self, variant: str) -> _Live:
-        from dnet_fast.models import DifficultyNet
+        from dnet_fast.models import DifficultyNet, build_model
 
         p, dev = self.params, self.device
         model = self._model(self._official_model_cfg())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
         torch.manual_seed(SEED + 1)
         diffnet = DifficultyNet(p["classes"], p["diffnet_hidden"], bias=p["diffnet_bias"]).to(dev)
-        adam = torch.optim.Adam(diffnet.parameters(), lr=p["diffnet_lr"], weight_decay=1e-4)
-        state = NaiveState(model, diffnet, opt, adam, self.acc.clone(), lambda_dr=0.3)
-        meta = _OfficialMeta(self.metaset.images, self.metaset.labels, p["meta_batch"], SEED)
-        step = OfficialStyleStep(state, self._copy_factory(), meta)  # type: ignore[arg-type]
+        main, adam = official.official_optimizers(self._tree(), model, diffnet)
+        loop = official.build(
+            self._tree(), model, lambda: build_model(self._official_model_cfg(), p["classes"]), diffnet, main, adam,
+            self.acc, self.metaset.images.cpu(), self.metaset.labels.cpu(), meta_batch=p["meta_batch"], seed=SEED,
+        )
         ds = OfficialStyleDataset(self.files.train, p["family"], train=True, crop=p["crop"],
                                   mean=self.bundle.mean, std=self.bundle.std)
         loader = official_train_loader(ds, p["batch"], _workers(p), cuda=self.cuda, samples=p["batch"] * 10**6)
         t0 = time.perf_counter()
         it = iter(loader)
-        first = [next(it)]  # worker start + first batch: paid again every epoch (workers are not persistent)
+        first = [next(it)]  # worker start + first batch: paid again at every loader start (not persistent)
         start_s = time.perf_counter() - t0
 
         def fetch() -> tuple[Tensor, Tensor]:
-            x, y = first.pop() if first else next(it)
-            meta.draw()  # the Python class-aware sampler and per-sample collation, in the data phase
-            return x.to(dev), y.to(dev, non_blocking=True)  # the released code's input.cuda(), target.cuda(nb)
+            return first.pop() if first else next(it)  # host batches: the loop copies them as the code does
 
         bf16 = variant == "official_bf16"
 
         def train(batch: tuple[Tensor, Tensor]) -> None:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                step.step(*batch)
+                loop.step(*batch)
 
         sampler = self._sampler()
-        loop = TimedLoop(fetch, train, p["iters"], cuda=self.cuda, sampler=sampler)
-        extra = {"loader_start_s": start_s, "precision": "bf16 autocast" if bf16 else "fp32", "graph": False}
-        closers = [*([sampler.close] if sampler else []), getattr(it, "_shutdown_workers", lambda: None)]
-        return _Live(loop, extra, closers)
-
-    def _copy_factory(self) -> Callable[[], nn.Module]:
-        """CIFAR code: a fresh ResNet-32 per iteration; ImageNet/Places code: one pseudo model, reloaded."""
-        cfg = self._official_model_cfg()
-        if self.params["family"] == "cifar":
-            return lambda: self._model(cfg, seed=None)
-        pseudo = self._model(cfg, seed=None)
-        return lambda: pseudo
+        timed = TimedLoop(fetch, train, p["iters"], cuda=self.cuda, sampler=sampler)
+        extra = {"loader_start_s": start_s, "precision": "bf16 autocast" if bf16 else "fp32", "graph": False,
+                 "tree": self._tree()}
+        closers = [*([sampler.close] if sampler else []), getattr(it, "_shutdown_workers", lambda: None), loop.close]
+        return _Live(timed, extra, closers)
 
     def _fast(self, mode: str) -> _Live:
         from dnet_fast.stack import build_stack
@@ -415,7 +376,7 @@ class E2EBenchmark(Benchmark):
     # -- A_C evaluation cost ----------------------------------------------------------------------------
 
     def _measure_eval(self) -> dict[str, Any]:
-        """Seconds per image of one A_C pass: the released code's (DataLoader + PIL + ``.item()`` loop, fp32) and
+        """Seconds per image of one A_C pass: the released code's (DataLoader + PIL + its tree's host reads, fp32) and
         dnet-fast's (``evaluation.class_accuracy`` over the val images kept on the device, as ``fit`` runs it)."""
         p = self.params
         n = min(p["eval_images"], len(self.bundle.val))
@@ -436,7 +397,9 @@ class E2EBenchmark(Benchmark):
         ds = OfficialStyleDataset(sub, p["family"], train=False, crop=p["crop"], mean=self.bundle.mean,
                                   std=self.bundle.std)
         loader = official_eval_loader(ds, 128, _workers(p), cuda=self.cuda)
-        return timeit(lambda: official_class_accuracy(model, loader, p["classes"], self.device), **timing).median
+        tree = self._tree()
+        return timeit(lambda: official_class_accuracy(model, loader, p["classes"], self.device, tree),
+                      **timing).median
 
     def _resident_eval(self, model: nn.Module, cfg: Any, n: int) -> Tensor:
         """Per-class accuracy from the engine's forward over the first ``n`` resident meta images."""

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmarks import official
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio
-from benchmarks.naive import NaiveExactStep, NaiveState, OfficialMetaLoader, OfficialStyleStep
+from benchmarks.naive import NaiveExactStep, NaiveState
 
 __all__ = [
     "CPU_POINTS",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 _R32 = {"model": "resnet32", "width": 16, "classes": 100, "image": 32, "batch": 128, "meta_batch": 100,
-        "meta_per_class": 25, "precision": "fp32", "channels_last": False, "naive": True}
+        "meta_per_class": 25, "precision": "fp32", "channels_last": False, "naive": True, "tree": "cifar"}
 #: The issue's CPU setting: CIFAR-100 ResNet-32 at 32 px, batch 128, meta batch 100, 25 meta images per class.
 CPU_POINTS = ({"name": "r32_fp32", **_R32, "iters": 1},)
 #: GPU points; ``iters`` back-to-back iterations per timed call (replays are short; events need a long window).
@@ -39,7 +40,7 @@ GPU_POINTS = (
     {"name": "r32_fp32", **_R32, "iters": 50},
     {"name": "r32_bf16", **_R32, "precision": "bf16", "channels_last": True, "naive": False, "iters": 50},
     {"name": "r50_bf16", **_R32, "model": "resnet50", "classes": 1000, "image": 224, "meta_per_class": 1,
-     "precision": "bf16", "channels_last": True, "naive": False, "iters": 15},
+     "precision": "bf16", "channels_last": True, "naive": False, "tree": "imagenet_places", "iters": 15},
 )
 #: ``--quick``: tiny shapes; checks the plumbing, not the speed.
 QUICK_POINTS = (
@@ -148,11 +149,12 @@ def count_flops(fn: Callable[[], object]) -> float | None:
 class StepBenchmark(Benchmark):
     """``iters`` training iterations per call (data loading excluded) of every meta mode vs the naive references.
 
-    Variants: ``official`` (official-style loop, first-order virtual step on a fresh model copy), ``official_2nd``
-    (the same with the CIFAR code's ``create_graph=True`` virtual step), ``naive_exact`` (model copy + plain double
-    backward), the library modes ``off``, ``driver``, ``exact`` (meta.grad=jvp), ``exact_double_backward`` (eager
-    ``TrainStep``), and on CUDA ``off_graph``, ``driver_graph``, ``exact_graph`` (captured). Every variant draws
-    its meta batch per iteration (the draw is part of the measured work).
+    Variants: ``official`` (the released code's iteration for the point's tree, ``benchmarks/official.py``: CIFAR's
+    fresh model copy and second-order virtual step, or ImageNet/Places' persistent pseudo model; its own shuffled
+    meta loader, host syncs and input copies; train batches handed over on the host as its DataLoader yields
+    them), ``naive_exact`` (model copy + plain double backward), the library modes ``off``, ``driver``, ``exact``
+    (meta.grad=jvp), ``exact_double_backward`` (eager ``TrainStep``), and on CUDA ``off_graph``, ``driver_graph``,
+    ``exact_graph`` (captured). Every variant draws its meta batch per iteration (part of the measured work).
     """
 
     name = "step"
@@ -174,7 +176,7 @@ class StepBenchmark(Benchmark):
 
     def variants(self, params: dict[str, Any]) -> list[str]:
         """Naive references first, then the eager modes, then (CUDA) the graphed ones."""
-        out = ["official", "official_2nd", *(["naive_exact"] if params["naive"] else [])]
+        out = ["official", *(["naive_exact"] if params["naive"] else [])]
         out += [*FAST_MODES, "exact_double_backward"]
         if params["device"] == "cuda":
             out += [f"{m}_graph" for m in FAST_MODES]
@@ -186,7 +188,6 @@ class StepBenchmark(Benchmark):
         """Issue 2's eager targets, issue 15's graph targets (CUDA), and informational ratios."""
         out = [
             Ratio("driver speed-up over official-style", "official", "driver", 2.5),
-            Ratio("driver speed-up over official-style, 2nd-order CIFAR code", "official_2nd", "driver", 2.5),
             Ratio("driver overhead over off", "driver", "off", 1.05, higher_is_better=False),
             Ratio("exact speed-up over naive exact", "naive_exact", "exact", 1.5),
             Ratio("exact (double_backward) speed-up over naive exact", "naive_exact", "exact_double_backward"),
@@ -201,8 +202,6 @@ class StepBenchmark(Benchmark):
             Ratio("exact cost over CE (graph)", "exact_graph", "off_graph", 3.0, higher_is_better=False),
             Ratio("driver cost over CE (graph)", "driver_graph", "off_graph", 1.05, higher_is_better=False),
             Ratio("exact graph speed-up over official-style", "official", "exact_graph", None if r50 else 5.0),
-            Ratio("exact graph speed-up over official-style (2nd order)", "official_2nd", "exact_graph",
-                  None if r50 else 5.0),
             Ratio("driver graph speed-up over official-style", "official", "driver_graph"),
         ]
         for mode in FAST_MODES:
@@ -213,20 +212,24 @@ class StepBenchmark(Benchmark):
         return out
 
     def setup(self, params: dict[str, Any]) -> None:
-        """Builds the shared data and sets cuDNN autotuning (the official CIFAR code sets it; so do we here)."""
+        """Builds the shared data; cuDNN autotuning on for the library variants (the official loops set the flag
+        their tree uses while they run)."""
         self.params = params
         self.device = torch.device(params["device"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.data = synthetic_problem(params, self.device)
+        pin = self.device.type == "cuda" and params["tree"] == "imagenet_places"  # its DataLoader pins (I:389)
+        self.host_batch = tuple(t.cpu().pin_memory() if pin else t.cpu() for t in (self.data.x, self.data.y))
         self.meta_indices = balanced_meta_indices(self.data.meta_y)
         self.units_per_call = params["batch"] * params["iters"]
         self._live: dict[str, Any] = {}
 
     def teardown(self) -> None:
-        """Drops the shared tensors."""
+        """Closes what is still live and drops the shared tensors."""
+        for name in list(self._live):
+            self.release(name)
         self.data = None
-        self._live = {}
 
     # -- construction helpers -------------------------------------------------------------------------
 
@@ -237,6 +240,28 @@ class StepBenchmark(Benchmark):
         torch.manual_seed(SEED)  # the same initial weights as build_stack gives the library variants
         cfg = ModelConfig(backbone=self.params["model"], width=self.params["width"])
         return build_model(cfg, self.params["classes"]).to(self.device).train()
+
+    def _official(self) -> Callable[[], object]:
+        from dnet_fast.models import DifficultyNet
+
+        p, d = self.params, self.data
+        model = self._fresh_model()
+        torch.manual_seed(SEED + 1)
+        diffnet = DifficultyNet(p["classes"], 128, bias=False).to(self.device)
+        main, adam = official.official_optimizers(p["tree"], model, diffnet)
+        loop = official.build(p["tree"], model, self._host_model, diffnet, main, adam, d.acc, d.meta_x.cpu(),
+                              d.meta_y.cpu(), meta_batch=p["meta_batch"], seed=SEED)
+        self._live["official"] = loop
+        x, y = self.host_batch
+        return self._iterations(lambda *_: loop.step(x, y), needs_meta=False)
+
+    def _host_model(self) -> nn.Module:
+        """A fresh classifier on the host, as the official code builds one (the loop seeds and moves it)."""
+        from dnet_fast.config import ModelConfig
+        from dnet_fast.models import build_model
+
+        return build_model(ModelConfig(backbone=self.params["model"], width=self.params["width"]),
+                           self.params["classes"])
 
     def _naive_state(self) -> NaiveState:
         from dnet_fast.models import DifficultyNet
@@ -272,11 +297,8 @@ class StepBenchmark(Benchmark):
         """Builds ``variant`` from the initial weights and runs one untimed call (capture for graph variants)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if variant.startswith("official"):
-            state, d = self._naive_state(), self.data
-            loader = OfficialMetaLoader(d.meta_x, d.meta_y, self.params["meta_batch"], seed=SEED)
-            step = OfficialStyleStep(state, self._fresh_model, loader, second_order=variant == "official_2nd")
-            fn = self._iterations(lambda x, y, _meta: step.step(x, y), needs_meta=False)
+        if variant == "official":
+            fn = self._official()
         elif variant == "naive_exact":
             fn = self._iterations(NaiveExactStep(self._naive_state()).step, needs_meta=True)
         else:
@@ -301,18 +323,26 @@ class StepBenchmark(Benchmark):
         """Graph warm-up/capture seconds, peak memory (CUDA) and, with ``flops``, FLOP per iteration."""
         out: dict[str, Any] = {}
         stack = self._live.get(variant)
+        if variant == "official":
+            out["meta_loader_starts"] = stack.meta_loader.starts
+            return out | self._peak()
         if stack is not None and stack.step.graph:
             out |= {"graph_warmup_s": stack.step.warmup_seconds, "capture_s": stack.step.capture_seconds}
-        if self.device.type == "cuda":
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.params.get("flops") and stack is not None and not stack.step.graph:
             mb = self._meta_batch(0) if stack.meta.needs_meta_batch else None
             out["flop_per_iter"] = count_flops(lambda: stack.step.step(self.data.x, self.data.y, mb))
-        return out
+        return out | self._peak()
+
+    def _peak(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def release(self, variant: str) -> None:
-        """Drops the variant's stack (sequential CUDA points)."""
-        self._live.pop(variant, None)
+        """Drops the variant's stack or loop (sequential CUDA points)."""
+        live = self._live.pop(variant, None)
+        if variant == "official" and live is not None:
+            live.close()
 
     def derived(self, point: dict[str, Any]) -> dict[str, Any]:
         """Fraction of the bf16 ceiling per variant (CUDA): CE-equivalent TFLOP/s and, if counted, actual."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -271,18 +272,33 @@ def official_eval_loader(dataset: OfficialStyleDataset, batch: int, workers: int
 
 @torch.no_grad()
 def official_class_accuracy(
-    model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device
+    model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device, tree: str
 ) -> tuple[list[int], list[int]]:
-    """Per-class correct/total the released code's way: eval-mode forward per batch, then a per-sample loop
-    with ``.item()`` (one host sync per element)."""
+    """Per-class correct/total the released code's way for ``tree`` (``benchmarks/official_epoch.py``).
+
+    ``cifar`` (C:250-271): eval-mode forward per batch, one host read per batch, then a per-sample loop with a
+    ``.item()`` per image and one more per correct image. ``imagenet_places`` (I:475-547): per batch, the loss and
+    top-1/top-5 read back (4 host reads); the per-class counts from the predictions gathered on the host.
+    """
     model.eval()
     correct, total = [0] * num_classes, [0] * num_classes
     for x, y in loader:
         x, y = x.to(device), y.to(device, non_blocking=True)
-        pred = model(x).argmax(1)
-        for j in range(len(y)):
-            label = int(y[j].item())
+        out = model(x)
+        pred = out.argmax(1)
+        if tree == "cifar":
+            labels = y.cpu()  # sync point (C:262)
+            for j in range(len(labels)):
+                label = int(labels[j])
+                total[label] += 1
+                correct[label] += int(pred[j].item() == label)  # sync point per image (C:268)
+            continue
+        loss = F.cross_entropy(out, y)
+        top5 = out.topk(min(5, out.shape[1]), 1).indices.eq(y[:, None])
+        for v in (loss, top5[:, :1].float().mean(), top5.any(1).float().mean(), loss * 0):
+            v.item()  # sync points: the code's four reads per batch (I:514, I:526-528)
+        for label, p in zip(y.tolist(), pred.tolist(), strict=True):
             total[label] += 1
-            correct[label] += int(pred[j].item() == label)
+            correct[label] += int(p == label)
     model.train()
     return correct, total

@@ -1,26 +1,19 @@
-"""Naive reference iterations (official-style and plain double-backward exact) that the fast modes are timed against."""
+"""The naive exact reference: the paper's meta step written the correct-but-slow way (model copy, double backward).
+
+The official code's own iterations, which the speed-ups are quoted against, are ``benchmarks/official.py``.
+"""
 
 from __future__ import annotations
 
 import copy
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "NaiveExactStep",
-    "NaiveState",
-    "OfficialClassAwareSampler",
-    "OfficialMetaLoader",
-    "OfficialStyleStep",
-    "class_weights",
-    "driver_loss",
-    "swap_params",
-]
+__all__ = ["NaiveExactStep", "NaiveState", "class_weights", "driver_loss", "swap_params"]
 
 #: ε of the driver-loss target t = 1 - a / (Σa + ε) (SPEC §5).
 _TARGET_EPS = 1e-12
@@ -57,78 +50,7 @@ def swap_params(module: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Official-style class-aware meta sampler (a Python re-implementation of the released sampler's behaviour)
-
-
-class _RandomCycle:
-    """Endless cycle over a list, reshuffled with ``rng`` at the start of every pass (like ``RandomCycleIter``)."""
-
-    def __init__(self, items: Sequence[int], rng: random.Random) -> None:
-        self._items = list(items)
-        self._rng = rng
-        self._i = len(self._items) - 1  # so that the first ``next`` shuffles
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        self._i += 1
-        if self._i == len(self._items):
-            self._i = 0
-            self._rng.shuffle(self._items)
-        return self._items[self._i]
-
-
-class OfficialClassAwareSampler:
-    """Class-aware sampling as the released code does it: a shuffled cycle over classes picks a class, that class's
-    shuffled cycle picks an image. Pure Python, one ``next`` per index; seeded ``random.Random`` (the released code
-    used the unseeded global ``random``, SPEC §13 #11).
-
-    Args:
-        labels: label of every meta-set image.
-        seed: seed of the private random generator.
-    """
-
-    def __init__(self, labels: Sequence[int], seed: int = 0) -> None:
-        rng = random.Random(seed)
-        num_classes = max(int(v) for v in labels) + 1
-        per_class: list[list[int]] = [[] for _ in range(num_classes)]
-        for i, label in enumerate(labels):
-            per_class[int(label)].append(i)
-        self._classes = _RandomCycle(range(num_classes), rng)
-        self._images = [_RandomCycle(idx, rng) for idx in per_class]
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        return next(self._images[next(self._classes)])
-
-
-class OfficialMetaLoader:
-    """Meta batches of ``m`` images drawn by ``OfficialClassAwareSampler`` and collated sample by sample.
-
-    Args:
-        images: (N, 3, H, W) eval-transformed meta images.
-        labels: (N,) int64 labels.
-        batch_size: meta batch size m.
-        seed: sampler seed.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, seed: int = 0) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self._sampler = OfficialClassAwareSampler(labels.tolist(), seed)
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next (x (m, 3, H, W), y (m,)) batch, stacked per sample like ``default_collate``."""
-        idx = [next(self._sampler) for _ in range(self.batch_size)]
-        x = torch.stack([self.images[i] for i in idx])
-        y = torch.tensor([int(self.labels[i]) for i in idx], dtype=torch.int64, device=self.labels.device)
-        return x, y
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The two reference iterations
+# The reference iteration
 
 
 @dataclass
@@ -176,103 +98,6 @@ class NaiveState:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return logits.detach()
-
-
-class OfficialStyleStep:
-    """One iteration as the released CIFAR code runs it (SPEC §4.2, §13 #21).
-
-    Per call: build a fresh model and ``load_state_dict`` the current weights into it; class weights from D, then
-    a detached copy (the code's ``torch.tensor(weights)``) spread to samples through host-built one-hot rows; a
-    virtual step on the copy; a meta forward/backward on a class-aware meta batch of m plus λ·L_dr, Adam on θ;
-    the real step with weights from the updated θ; per-class training accuracy counted sample by sample with
-    ``.item()`` and the summed loss read back with ``.item()``. Because the weights are detached, θ gets only the
-    driver-loss gradient, exactly as in the released code.
-
-    Args:
-        state: model, Difficulty-Net, optimisers, A, λ.
-        model_factory: builds a fresh, randomly initialised classifier on the right device (as the code does).
-        meta_loader: draws the meta batches.
-        second_order: ``True`` is the CIFAR code (``create_graph=True`` virtual step, so the meta backward also
-            runs a wasted double backward into the copy); ``False`` is a first-order virtual step (an in-place SGD
-            step on the copy, as the ImageNet/Places "pseudo" model), the (2b + m)/b = 2.78× cost of
-            PERFORMANCE §2.
-    """
-
-    def __init__(
-        self,
-        state: NaiveState,
-        model_factory: Callable[[], nn.Module],
-        meta_loader: OfficialMetaLoader,
-        *,
-        second_order: bool = False,
-    ) -> None:
-        self.s = state
-        self.model_factory = model_factory
-        self.meta_loader = meta_loader
-        self.second_order = second_order
-        c = state.num_classes
-        self.class_correct = [0] * c
-        self.class_total = [0] * c
-        self.loss_sum = 0.0
-
-    def _host_one_hot_weights(self, w_class: Tensor, y: Tensor) -> Tensor:
-        """Per-sample weights the way the code builds them: eye on the host, one-hot rows, repeat, multiply, sum."""
-        c = self.s.num_classes
-        one_hot = torch.eye(c)[y.cpu()].float().to(y.device)  # (B, C)
-        detached = w_class.clone().detach()  # what torch.tensor(weights) returns: a detached copy
-        return (detached.unsqueeze(0).repeat(one_hot.shape[0], 1) * one_hot).sum(1)  # (B,)
-
-    def _virtual_step(self, model_cpy: nn.Module, x: Tensor, y: Tensor, w: Tensor) -> None:
-        loss = (self.s.criterion(model_cpy(x), y) * w).mean()
-        named = list(model_cpy.named_parameters())
-        grads = torch.autograd.grad(loss, [p for _, p in named], create_graph=self.second_order)
-        lrs = self.s.param_lrs()
-        if self.second_order:
-            swap_params(model_cpy, {n: p - lr * g for (n, p), g, lr in zip(named, grads, lrs, strict=True)})
-            return
-        with torch.no_grad():
-            for (_, p), g, lr in zip(named, grads, lrs, strict=True):
-                p.sub_(lr * g)
-
-    def _count_accuracy(self, logits: Tensor, y: Tensor) -> None:
-        pred = logits.argmax(1)
-        for j in range(len(y)):  # the code's per-sample loop, one host sync per element
-            label = y[j].item()
-            self.class_total[label] += 1
-            if pred[j].item() == label:
-                self.class_correct[label] += 1
-
-    def step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None = None) -> None:
-        """One training iteration on the batch (x (B, 3, H, W), y (B,)); ``meta_batch`` is ignored (the code
-        draws its own from ``meta_loader``)."""
-        del meta_batch
-        s = self.s
-        model_cpy = self.model_factory()
-        model_cpy.load_state_dict(s.model.state_dict())
-        model_cpy.train()
-        d = s.diffnet(s.acc)
-        dr = driver_loss(d, s.acc)
-        self._virtual_step(model_cpy, x, y, self._host_one_hot_weights(class_weights(d), y))
-        xm, ym = self.meta_loader.next_batch()
-        meta_loss = F.cross_entropy(model_cpy(xm), ym) + s.lambda_dr * dr
-        s.diff_optimizer.zero_grad()
-        meta_loss.backward()
-        s.diff_optimizer.step()
-        with torch.no_grad():
-            w = self._host_one_hot_weights(class_weights(s.diffnet(s.acc)), y)
-        logits = self._real_step_with_loss_readback(x, y, w)
-        self._count_accuracy(logits, y)
-
-    def _real_step_with_loss_readback(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        s = self.s
-        logits = s.model(x)
-        per_sample = s.criterion(logits, y)
-        self.loss_sum += per_sample.sum().item()  # the code's epoch_loss accumulation: a host sync
-        loss = (per_sample * w).mean()
-        s.optimizer.zero_grad()
-        loss.backward()
-        s.optimizer.step()
         return logits.detach()
 
 

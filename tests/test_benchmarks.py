@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import e2e_epoch, report, runner
+from benchmarks import e2e_epoch, official, report, runner
 from benchmarks.e2e_data import (
     OfficialStyleDataset,
     decode_split,
@@ -23,16 +23,7 @@ from benchmarks.e2e_data import (
 )
 from benchmarks.harness import BENCHMARKS, Benchmark, Ratio, Timing, environment, timeit, write_json
 from benchmarks.loopstats import TimedLoop
-from benchmarks.naive import (
-    NaiveExactStep,
-    NaiveState,
-    OfficialClassAwareSampler,
-    OfficialMetaLoader,
-    OfficialStyleStep,
-    class_weights,
-    driver_loss,
-    swap_params,
-)
+from benchmarks.naive import NaiveExactStep, NaiveState, class_weights, swap_params
 from dnet_fast.models import DifficultyNet
 
 C = 4  # classes of the tiny problems
@@ -297,7 +288,6 @@ def test_step_benchmark_quick_smoke(tmp_path):
     measured = set(point["variants"]) | set(point["skipped"])
     assert {
         "official",
-        "official_2nd",
         "naive_exact",
         "off",
         "driver",
@@ -367,7 +357,7 @@ def test_step_benchmark_gpu_grid_and_variants():
     gpu = {p["name"]: p for p in bench.grid(Profile(device="cuda"))}
     assert set(gpu) == {"r32_fp32", "r32_bf16", "r50_bf16"}
     assert bench.variants(gpu["r50_bf16"]) == [
-        "official", "official_2nd", "off", "driver", "exact", "exact_double_backward",
+        "official", "off", "driver", "exact", "exact_double_backward",
         "off_graph", "driver_graph", "exact_graph",
     ]
     assert bench.sequential(gpu["r50_bf16"])
@@ -375,6 +365,8 @@ def test_step_benchmark_gpu_grid_and_variants():
     assert targets["exact: graph speed-up over eager"] == 1.1
     assert targets["exact cost over CE (graph)"] == 3.0
     assert targets["driver cost over CE (graph)"] == 1.05
+    assert gpu["r50_bf16"]["tree"] == "imagenet_places"
+    assert gpu["r32_fp32"]["tree"] == "cifar"
     r32 = {r.name: r.target for r in bench.ratios(gpu["r32_fp32"])}
     assert r32["exact graph speed-up over official-style"] == 5.0
     assert r32["exact: graph speed-up over eager"] == 3.0
@@ -508,24 +500,6 @@ def _bn_after_one_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ref[1].running_mean.clone()
 
 
-def test_official_sampler_is_seeded_and_class_aware():
-    labels = [c for c in range(5) for _ in range(3)]
-    a = [next(OfficialClassAwareSampler(labels, seed=3)) for _ in range(1)]
-    s1, s2 = OfficialClassAwareSampler(labels, seed=3), OfficialClassAwareSampler(labels, seed=3)
-    draws = [next(s1) for _ in range(10)]
-    assert draws == [next(s2) for _ in range(10)]
-    assert a[0] == draws[0]
-    assert sorted(labels[i] for i in draws[:5]) == [0, 1, 2, 3, 4]  # one class cycle covers every class once
-
-
-def test_official_meta_loader_batches():
-    images = torch.randn(12, 3, 2, 2)
-    labels = torch.arange(4).repeat_interleave(3)
-    x, y = OfficialMetaLoader(images, labels, batch_size=4, seed=0).next_batch()
-    assert x.shape == (4, 3, 2, 2)
-    assert sorted(y.tolist()) == [0, 1, 2, 3]
-
-
 def test_swap_params_uses_new_tensors():
     model = nn.Sequential(nn.Linear(2, 1, bias=False))
     swap_params(model, {"0.weight": torch.zeros(1, 2)})
@@ -533,32 +507,24 @@ def test_swap_params_uses_new_tensors():
     assert len(list(model.parameters())) == 0
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_official_style_meta_loss_sends_no_gradient_to_theta(second_order):
-    s = _state()
-    x, y, (xm, ym) = _batches()
-    expected = torch.autograd.grad(
-        s.lambda_dr * driver_loss(s.diffnet(s.acc), s.acc), list(s.diffnet.parameters())
-    )
-    bn_expected = _bn_after_one_forward(s.model, x)
-    loader = OfficialMetaLoader(xm, ym, batch_size=4, seed=0)
-    step = OfficialStyleStep(s, _tiny_model, loader, second_order=second_order)
-    step.step(x, y)
-    for p, g in zip(s.diffnet.parameters(), expected, strict=True):
-        torch.testing.assert_close(p.grad, g)  # only λ·L_dr reached θ (SPEC §4.2)
-    torch.testing.assert_close(s.model[1].running_mean, bn_expected)  # only the real forward touched BN
-    assert sum(step.class_total) == len(y)
-
-
-def test_official_style_equals_driver_mode_step():
-    """SPEC §4.4: driver mode computes what the released code computes."""
+@pytest.mark.parametrize("tree", official.TREES)
+def test_official_loop_equals_driver_mode_step(tree):
+    """SPEC §4.4: driver mode computes what the released code computes (its meta loss sends no gradient to θ;
+    the real step uses the weights of the updated θ), in both official trees."""
     meta = pytest.importorskip("dnet_fast.meta")
     from dnet_fast.config import MetaConfig, TrainConfig
     from dnet_fast.losses import build_loss
 
     x, y, (xm, ym) = _batches()
+    x, xm = x.float(), xm.float()
     s_ref, s_lib = _state(), _state()
-    OfficialStyleStep(s_ref, _tiny_model, OfficialMetaLoader(xm, ym, 4, seed=0)).step(x, y)
+    for s in (s_ref, s_lib):  # the official code keeps A as a float32 row (C:155)
+        s.model.float(), s.diffnet.float()
+        s.acc = s.acc.float()
+    loop = official.build(tree, s_ref.model, lambda: _tiny_model().float(), s_ref.diffnet, s_ref.optimizer, s_ref.diff_optimizer,
+                          s_ref.acc, xm, ym, meta_batch=4, data_parallel=False, epoch=1)
+    loop.step(x, y)
+    loop.close()
     cfg = TrainConfig(meta=MetaConfig(mode="driver", lambda_dr=0.3))
     criterion = build_loss(cfg.loss, torch.ones(C), 1)
     mode = meta.DriverMode(cfg, s_lib.model, criterion, s_lib.optimizer, C, diffnet=s_lib.diffnet)

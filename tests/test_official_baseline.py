@@ -3,8 +3,9 @@
 Host syncs, host-to-device copies, model builds, state copies, forwards and backwards are counted on CPU (by wrapping
 the tensor methods and autograd entry points and keeping only calls made from the loop's own file) and compared with
 numbers read from hitachi-rd-cv/Difficulty_Net @ c6d131566dd6fd860226aeeee982acd4d6ac7da0. ``C:n`` is line n of
-``CIFAR-LT/cifar_train_exaugment.py``, ``I:n`` of ``ImageNet_Places-LT/train_stage1.py``. The same check, run on the
-old ``benchmarks/naive.py`` ``OfficialStyleStep``, fails (``test_old_naive_official_variants_fail_the_official_counts``).
+``CIFAR-LT/cifar_train_exaugment.py``, ``I:n`` of ``ImageNet_Places-LT/train_stage1.py``. The same check failed on the
+former ``benchmarks/naive.py`` ``OfficialStyleStep`` (per-sample ``.item()`` accuracy loop, ``int(label)`` per meta
+index, no input/meta/A copies, first-order virtual step in its ``official`` variant) before that loop was removed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks import naive, official
+from benchmarks import official
 from dnet_fast.models import DifficultyNet
 
 C, B, M = 5, 8, 4  # classes, train batch, meta batch
@@ -65,7 +66,7 @@ PRINT_LINE_SYNCS = {"item": 4}
 # C:131: in epoch 0 A is a device tensor, so C:154, C:155 and C:219 copy nothing
 CIFAR_EPOCH0_H2D = [False] * 6
 
-LOOP_FILES = frozenset({official.__file__, naive.__file__})
+LOOP_FILES = frozenset({official.__file__})
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
@@ -264,24 +265,6 @@ def test_cuda_synchronizing_calls_per_iteration(tree: str, syncs: int) -> None:
             torch.cuda.set_sync_debug_mode("default")
     loop.close()
     assert sum("synchroniz" in str(w.message) for w in seen) == syncs
-
-
-@pytest.mark.parametrize("second_order", [False, True], ids=["official", "official_2nd"])
-def test_old_naive_official_variants_fail_the_official_counts(rec: Recorder, second_order: bool) -> None:
-    """The same check fails on today's ``naive.OfficialStyleStep``: per-sample ``.item()`` accuracy counting (2b
-    syncs), ``int(label)`` per meta index in the class-aware sampler (m more), no input/meta/A copies, no model
-    move, and the ``official`` variant's first-order virtual step."""
-    model, diffnet, main, adam = parts("cifar")
-    state = naive.NaiveState(model, diffnet, main, adam, ACC.clone(), lambda_dr=LAMBDA)
-    loader = naive.OfficialMetaLoader(*meta_set(), M, seed=0)
-    step = naive.OfficialStyleStep(state, rec.factory, loader, second_order=second_order)
-    counts = rec.measure(lambda: step.step(*train_batch(0)))
-    with pytest.raises(AssertionError):
-        check_official(counts, OFFICIAL["cifar"])
-    wrong = mismatches(counts, OFFICIAL["cifar"])
-    assert wrong == ["syncs", "h2d", "module_moves", *([] if second_order else ["grads"])]
-    assert counts["syncs"] == {"cpu": 2, "item": 2 * B + 1, "__int__": M}  # official: {"cpu": 2, "item": 1}
-    assert counts["grads"] == [second_order]
 
 
 @pytest.mark.parametrize("tree", official.TREES)
