@@ -25,7 +25,7 @@ from dnet_fast.data import (
     group_accuracies,
     make_loader,
 )
-from dnet_fast.metrics import DeviceClassCounter
+from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
 from dnet_fast.runlog import RunLog, progress
@@ -104,10 +104,10 @@ def build_session(cfg: TrainConfig) -> Session:
 @torch.no_grad()
 def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                    cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode, counted on the device."""
+    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode (C++ counter on CPU, else on the device)."""
     was_training = model.training
     model.eval()
-    counter = DeviceClassCounter(num_classes, device)
+    counter = class_counter(num_classes, device)
     for x, y in batches:
         with _autocast(cfg, device):
             logits = model(_memory_format(x, cfg))
