@@ -290,15 +290,19 @@ class EngineBenchmark(Benchmark):
         model = build_model(cfg.model, p["classes"]).eval()
         bs = p["batch"]
 
-        def run(counter_cls: type) -> Callable[[], object]:
-            batches = lambda: ((images[i : i + bs], labels[i : i + bs]) for i in range(0, len(labels), bs))  # noqa: E731
-            return lambda: class_accuracy(model, batches(), p["classes"], cfg, torch.device("cpu"),
-                                          counter=counter_cls(p["classes"], "cpu") if counter_cls is DeviceClassCounter
-                                          else counter_cls(p["classes"]))
+        def run(make_counter: Callable[[], object]) -> Callable[[], object]:
+            def one_pass() -> object:
+                batches = ((images[i : i + bs], labels[i : i + bs]) for i in range(0, len(labels), bs))
+                return class_accuracy(model, batches, p["classes"], cfg, torch.device("cpu"), counter=make_counter())
+
+            return one_pass
 
         self.units_per_call = p["images"]
         self.notes["data"] = f"CIFAR ResNet-32, {p['images']} val images of 32 px, batch {bs}, {p['classes']} classes"
-        return {"cpp": (run(HostClassCounter), 1.0), "device_counter": (run(DeviceClassCounter), 1.0)}
+        return {
+            "cpp": (run(lambda: HostClassCounter(p["classes"])), 1.0),
+            "device_counter": (run(lambda: DeviceClassCounter(p["classes"], "cpu")), 1.0),
+        }
 
     def _bandwidth(self) -> None:
         mib = self.params["bandwidth_mib"]

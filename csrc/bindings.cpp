@@ -66,70 +66,21 @@ void require_ndim(const py::array& arr, const char* name, py::ssize_t ndim) {
   }
 }
 
-// Integer array of any width as C-contiguous int64 (zero-copy when it already is); rejects float, bool, object.
-I64Array int_array(const py::handle& obj, const char* name, py::ssize_t ndim = 1) {
+// 1-D integer array of any width as C-contiguous int64 (zero-copy when it already is); rejects float, bool, object.
+I64Array int_array(const py::handle& obj, const char* name) {
   py::array arr = as_array(obj, name);
   const char kind = arr.dtype().kind();
   if (kind != 'i' && kind != 'u') {
     throw py::value_error(str(name) + " must be an integer array, got dtype " + py::str(arr.dtype()).cast<std::string>());
   }
-  require_ndim(arr, name, ndim);
+  require_ndim(arr, name, 1);
   return I64Array::ensure(arr);
-}
-
-[[noreturn]] void raise_status(const dnet_fast::CountStatus& s, const int64_t* pred, const int64_t* label,
-                               int64_t num_classes) {
-  const std::string i = std::to_string(s.index), range = " is outside [0, " + std::to_string(num_classes) + ")";
-  switch (s.kind) {
-    case dnet_fast::CountStatus::kBadLabel:
-      throw py::value_error("label[" + i + "] = " + std::to_string(label[s.index]) + range);
-    case dnet_fast::CountStatus::kBadPred:
-      throw py::value_error("pred[" + i + "] = " + std::to_string(pred[s.index]) + range);
-    case dnet_fast::CountStatus::kNanRow:
-      throw py::value_error("logits row " + i + " contains NaN");
-    case dnet_fast::CountStatus::kOk:
-      break;
-  }
-  throw std::logic_error("raise_status called without an error");
 }
 
 I64Array zeros(py::ssize_t n) { return I64Array(n); }
 
 // ---- counters -------------------------------------------------------------------------------------------------
-struct PairInput {
-  I64Array pred, label;
-  int64_t num_classes;
-};
-
-PairInput pair_input(const py::object& pred, const py::object& label, const py::object& num_classes,
-                     int64_t class_limit) {
-  PairInput in{int_array(pred, "pred"), int_array(label, "label"), 0};
-  if (in.pred.shape(0) != in.label.shape(0)) {
-    throw py::value_error("pred has " + std::to_string(in.pred.shape(0)) + " entries but label has " +
-                          std::to_string(in.label.shape(0)));
-  }
-  in.num_classes = to_i64(num_classes, "num_classes", 1, class_limit);
-  return in;
-}
-
 int threads_arg(const py::object& num_threads) { return static_cast<int>(to_i64(num_threads, "num_threads", 0, 1025)); }
-
-py::tuple class_counts(const py::object& pred, const py::object& label, const py::object& num_classes,
-                       const py::object& num_threads) {
-  const PairInput in = pair_input(pred, label, num_classes, dnet_fast::kMaxCount);
-  const int threads = threads_arg(num_threads);
-  I64Array correct = zeros(in.num_classes), total = zeros(in.num_classes);
-  const int64_t *p = in.pred.data(), *y = in.label.data();
-  int64_t *c = correct.mutable_data(), *t = total.mutable_data();
-  const auto n = static_cast<std::size_t>(in.label.shape(0));
-  dnet_fast::CountStatus status;
-  {
-    py::gil_scoped_release release;
-    status = dnet_fast::count_per_class(p, y, n, in.num_classes, c, t, threads);
-  }
-  if (status.kind != dnet_fast::CountStatus::kOk) raise_status(status, p, y, in.num_classes);
-  return py::make_tuple(correct, total);
-}
 
 template <typename T>
 dnet_fast::CountStatus logits_counts(const py::array& logits, const int64_t* y, std::size_t n, int64_t num_classes,
@@ -168,63 +119,18 @@ py::tuple counts_from_logits(const py::object& logits, const py::object& label, 
                                                   total.mutable_data(), threads)
                           : logits_counts<float>(z, y.data(), n, classes, k, correct.mutable_data(),
                                                  total.mutable_data(), threads);
-  if (status.kind != dnet_fast::CountStatus::kOk) raise_status(status, nullptr, y.data(), classes);
+  if (status.kind == dnet_fast::CountStatus::kBadLabel) {
+    throw py::value_error("label[" + std::to_string(status.index) + "] = " + std::to_string(y.data()[status.index]) +
+                          " is outside [0, " + std::to_string(classes) + ")");
+  }
   return py::make_tuple(correct, total);
 }
 
-constexpr int64_t kMaxConfusionClasses = int64_t{1} << 15;
-
-py::array confusion_matrix(const py::object& pred, const py::object& label, const py::object& num_classes,
-                           const py::object& num_threads) {
-  const PairInput in = pair_input(pred, label, num_classes, kMaxConfusionClasses + 1);
-  const int threads = threads_arg(num_threads);
-  I64Array out({in.num_classes, in.num_classes});
-  const int64_t *p = in.pred.data(), *y = in.label.data();
-  int64_t* o = out.mutable_data();
-  const auto n = static_cast<std::size_t>(in.label.shape(0));
-  dnet_fast::CountStatus status;
-  {
-    py::gil_scoped_release release;
-    status = dnet_fast::confusion_matrix(p, y, n, in.num_classes, o, threads);
-  }
-  if (status.kind != dnet_fast::CountStatus::kOk) raise_status(status, p, y, in.num_classes);
-  return out;
-}
-
-py::tuple merge_counts(const py::object& correct, const py::object& total) {
-  const I64Array c = int_array(correct, "correct", 2), t = int_array(total, "total", 2);
-  if (c.shape(0) != t.shape(0) || c.shape(1) != t.shape(1)) {
-    throw py::value_error("correct has shape (" + std::to_string(c.shape(0)) + ", " + std::to_string(c.shape(1)) +
-                          ") but total has shape (" + std::to_string(t.shape(0)) + ", " +
-                          std::to_string(t.shape(1)) + ")");
-  }
-  const auto parts = static_cast<std::size_t>(c.shape(0)), classes = static_cast<std::size_t>(c.shape(1));
-  I64Array correct_out = zeros(c.shape(1)), total_out = zeros(c.shape(1));
-  const int64_t *cp = c.data(), *tp = t.data();
-  int64_t *co = correct_out.mutable_data(), *to = total_out.mutable_data();
-  dnet_fast::MergeStatus status;
-  {
-    py::gil_scoped_release release;
-    status = dnet_fast::merge_counts(cp, tp, parts, classes, co, to);
-  }
-  if (status == dnet_fast::MergeStatus::kNegative) throw py::value_error("correct must be non-negative");
-  if (status == dnet_fast::MergeStatus::kExceeds) throw py::value_error("correct must not exceed total");
-  if (status == dnet_fast::MergeStatus::kOverflow) throw py::value_error("merged total overflows int64");
-  return py::make_tuple(correct_out, total_out);
-}
-
 void bind_counter(py::module_& m) {
-  m.def("class_counts", &class_counts, py::arg("pred"), py::arg("label"), py::arg("num_classes"),
-        py::arg("num_threads") = 0,
-        "Per-class (correct, total) int64 arrays from integer predictions and labels (num_threads 0 = auto).");
   m.def("counts_from_logits", &counts_from_logits, py::arg("logits"), py::arg("label"), py::arg("num_classes"),
         py::arg("topk") = 1, py::arg("num_threads") = 0,
-        "Per-class (correct, total) from (N, C) float logits; correct when the label ranks below topk (ties: lowest "
-        "index wins).");
-  m.def("confusion_matrix", &confusion_matrix, py::arg("pred"), py::arg("label"), py::arg("num_classes"),
-        py::arg("num_threads") = 0, "(C, C) int64 confusion matrix, rows = label, columns = prediction.");
-  m.def("merge_counts", &merge_counts, py::arg("correct"), py::arg("total"),
-        "Sum (P, C) partial correct/total counts into (C,) arrays, checking 0 <= correct <= total.");
+        "Per-class (correct, total) int64 arrays from (N, C) float logits; correct when the label ranks below topk "
+        "(ties: lowest index wins) and the row is finite (a row with NaN or +-inf counts in total only).");
 }
 
 // ---- randomness and samplers ----------------------------------------------------------------------------------

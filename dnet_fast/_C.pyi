@@ -5,9 +5,6 @@ from typing import SupportsIndex
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-def class_counts(
-    pred: ArrayLike, label: ArrayLike, num_classes: SupportsIndex, num_threads: SupportsIndex = 0
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 def counts_from_logits(
     logits: ArrayLike,
     label: ArrayLike,
@@ -15,10 +12,6 @@ def counts_from_logits(
     topk: SupportsIndex = 1,
     num_threads: SupportsIndex = 0,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
-def confusion_matrix(
-    pred: ArrayLike, label: ArrayLike, num_classes: SupportsIndex, num_threads: SupportsIndex = 0
-) -> NDArray[np.int64]: ...
-def merge_counts(correct: ArrayLike, total: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.int64]]: ...
 def random_bounded(key: SupportsIndex, bounds: ArrayLike) -> NDArray[np.uint64]: ...
 def permutation(n: SupportsIndex, key: SupportsIndex) -> NDArray[np.int64]: ...
 def epoch_order(

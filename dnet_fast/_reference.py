@@ -9,11 +9,8 @@ import numpy as np
 
 __all__ = [
     "MetaSampler",
-    "class_counts",
-    "confusion_matrix",
     "counts_from_logits",
     "epoch_order",
-    "merge_counts",
     "permutation",
     "random_bounded",
 ]
@@ -28,7 +25,6 @@ _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 _M32 = 0xFFFFFFFF
 _MAX_COUNT = 2**31  # sample counts, class counts and epoch lengths stay below this so products fit in 64 bits
-_MAX_CONFUSION_CLASSES = 2**15  # a (C, C) int64 matrix of at most 8 GiB
 
 # Stream domains: independent key families for the different consumers of randomness.
 _DOMAIN_META_ROUND = 1  # class order of a meta-batch round
@@ -168,12 +164,13 @@ def _check_count(value: int, name: str, *, positive: bool = False, limit: int = 
     return value
 
 
-def _as_int64(a: object, name: str, ndim: int = 1) -> np.ndarray:
+def _as_int64(a: object, name: str) -> np.ndarray:
+    """1-D integer array of any width as C-contiguous int64; rejects float, bool and object arrays."""
     arr = np.asarray(a)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got ndim={arr.ndim}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got ndim={arr.ndim}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
@@ -426,35 +423,17 @@ def _shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # Per-class counters.
 # ---------------------------------------------------------------------------------------------------------------
-def class_counts(
-    pred: np.ndarray, label: np.ndarray, num_classes: int, num_threads: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class (correct, total) int64 counts from integer predictions and labels.
-
-    Args:
-        pred: (N,) integer predictions (any value; only equality with the label matters).
-        label: (N,) integer labels in [0, num_classes).
-        num_classes: C (>= 1).
-        num_threads: the C++ engine's thread count (0 = automatic), validated but unused here.
-    """
-    _check_count(num_threads, "num_threads", limit=1025)
-    pred, label = _as_int64(pred, "pred"), _as_int64(label, "label")
-    num_classes = _check_pair(pred, label, num_classes)
-    total = np.bincount(label, minlength=num_classes)
-    correct = np.bincount(label[pred == label], minlength=num_classes)
-    return correct.astype(np.int64), total.astype(np.int64)
-
-
 def counts_from_logits(
     logits: np.ndarray, label: np.ndarray, num_classes: int, topk: int = 1, num_threads: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class (correct, total) from (N, C) float logits: a sample is correct when its label ranks below topk.
 
     The rank of the label is the number of classes with a larger logit plus those with an equal logit and a lower
-    index, so ties go to the lowest index exactly as torch/numpy argmax does.
+    index, so ties go to the lowest index exactly as torch/numpy argmax does. A row holding any non-finite logit
+    (NaN, +inf or -inf) counts in ``total`` but never in ``correct``.
 
     Args:
-        logits: (N, C) float32 or float64 scores, no NaN.
+        logits: (N, C) float16, float32 or float64 scores.
         label: (N,) integer labels in [0, C).
         num_classes: C, must equal logits.shape[1].
         topk: k in [1, C].
@@ -474,70 +453,10 @@ def counts_from_logits(
         raise ValueError(f"logits has {logits.shape[1]} columns but num_classes = {num_classes}")
     topk = _check_count(topk, "topk", positive=True, limit=num_classes + 1)
     _check_labels(label, num_classes)
-    nan_rows = np.flatnonzero(np.isnan(logits).any(axis=1))
-    if nan_rows.size:
-        raise ValueError(f"logits row {int(nan_rows[0])} contains NaN")
+    finite = np.isfinite(logits).all(axis=1)  # (N,)
     z_y = logits[np.arange(label.size), label][:, None]  # (N, 1)
     lower = np.arange(num_classes)[None, :] < label[:, None]  # (N, C)
     rank = (logits > z_y).sum(axis=1) + ((logits == z_y) & lower).sum(axis=1)
     total = np.bincount(label, minlength=num_classes)
-    correct = np.bincount(label[rank < topk], minlength=num_classes)
+    correct = np.bincount(label[(rank < topk) & finite], minlength=num_classes)
     return correct.astype(np.int64), total.astype(np.int64)
-
-
-def confusion_matrix(
-    pred: np.ndarray, label: np.ndarray, num_classes: int, num_threads: int = 0
-) -> np.ndarray:
-    """(C, C) int64 confusion matrix, rows = true label, columns = prediction.
-
-    Args:
-        pred: (N,) integer predictions in [0, num_classes).
-        label: (N,) integer labels in [0, num_classes).
-        num_classes: C (>= 1).
-        num_threads: validated but unused here.
-    """
-    _check_count(num_threads, "num_threads", limit=1025)
-    pred, label = _as_int64(pred, "pred"), _as_int64(label, "label")
-    num_classes = _check_pair(pred, label, num_classes, check_labels=False, limit=_MAX_CONFUSION_CLASSES + 1)
-    bad = np.flatnonzero((label < 0) | (label >= num_classes) | (pred < 0) | (pred >= num_classes))
-    if bad.size:  # the first bad sample, its label reported before its prediction
-        i = int(bad[0])
-        name, value = ("label", label[i]) if not 0 <= label[i] < num_classes else ("pred", pred[i])
-        raise ValueError(f"{name}[{i}] = {int(value)} is outside [0, {num_classes})")
-    flat = np.bincount(label * num_classes + pred, minlength=num_classes * num_classes)
-    return flat.astype(np.int64).reshape(num_classes, num_classes)
-
-
-def merge_counts(correct: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum P partial (correct, total) counts given as (P, C) arrays; checks 0 <= correct <= total.
-
-    Args:
-        correct: (P, C) integer partial correct counts.
-        total: (P, C) integer partial totals.
-    """
-    correct, total = _as_int64(correct, "correct", 2), _as_int64(total, "total", 2)
-    if correct.shape != total.shape:
-        raise ValueError(f"correct has shape {correct.shape} but total has shape {total.shape}")
-    if (correct < 0).any():
-        raise ValueError("correct must be non-negative")
-    if (correct > total).any():
-        raise ValueError("correct must not exceed total")
-    if (total.astype(object).sum(axis=0) > np.iinfo(np.int64).max).any():  # exact Python-int sums
-        raise ValueError("merged total overflows int64")
-    return correct.sum(axis=0, dtype=np.int64), total.sum(axis=0, dtype=np.int64)
-
-
-def _check_pair(
-    pred: np.ndarray,
-    label: np.ndarray,
-    num_classes: int,
-    *,
-    check_labels: bool = True,
-    limit: int = _MAX_COUNT,
-) -> int:
-    if pred.size != label.size:
-        raise ValueError(f"pred has {pred.size} entries but label has {label.size}")
-    num_classes = _check_count(num_classes, "num_classes", positive=True, limit=limit)
-    if check_labels:
-        _check_labels(label, num_classes)
-    return num_classes

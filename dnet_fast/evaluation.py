@@ -16,7 +16,7 @@ from torch import nn
 from dnet_fast.checkpoint import CheckpointError, load_checkpoint
 from dnet_fast.config import TrainConfig, config_from_dict
 from dnet_fast.data import DATASETS, DataBundle, eval_batches, group_accuracies
-from dnet_fast.metrics import DeviceClassCounter
+from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
 
@@ -57,11 +57,16 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                   cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode, counted on the device."""
+                   cfg: TrainConfig, device: torch.device, *, counter: Any = None) -> torch.Tensor:
+    """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode.
+
+    Counted by ``metrics.class_counter``: the C++ host counter on the CPU (the engine benchmark's ``acc_pass``
+    point measures the choice), ``index_add_`` on the device elsewhere; ``counter`` overrides it. Non-finite
+    logits count as wrong.
+    """
     was_training = model.training
     model.eval()
-    counter = DeviceClassCounter(num_classes, device)
+    counter = class_counter(num_classes, device) if counter is None else counter
     for x, y in batches:
         with _autocast(cfg, device):
             logits = model(_memory_format(x, cfg))

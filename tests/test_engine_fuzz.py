@@ -88,16 +88,6 @@ def test_epoch_order_fuzz(labels, kind, seed, epoch, world, rank, num_epochs, nu
 
 
 @FUZZ
-@given(pred=labels_strategy(), label=labels_strategy(), num_classes=SMALL, threads=st.integers(0, 4))
-def test_integer_counters_fuzz(pred, label, num_classes, threads):
-    for name in ("class_counts", "confusion_matrix"):
-        same_outcome(
-            lambda name=name: getattr(_C, name)(pred, label, num_classes, threads),
-            lambda name=name: getattr(ref, name)(pred, label, num_classes, threads),
-        )
-
-
-@FUZZ
 @given(
     logits=st.tuples(
         hnp.arrays(
@@ -117,23 +107,6 @@ def test_counts_from_logits_fuzz(logits, label, num_classes, topk, threads):
         lambda: _C.counts_from_logits(logits, label, num_classes, topk, threads),
         lambda: ref.counts_from_logits(logits, label, num_classes, topk, threads),
     )
-
-
-@FUZZ
-@given(
-    correct=hnp.arrays(
-        np.int64,
-        hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
-        elements=st.sampled_from([-1, 0, 1, 5, 2**62]),
-    ),
-    total=hnp.arrays(
-        np.int64,
-        hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
-        elements=st.sampled_from([0, 1, 5, 2**62, 2**63 - 1]),
-    ),
-)
-def test_merge_counts_fuzz(correct, total):
-    same_outcome(lambda: _C.merge_counts(correct, total), lambda: ref.merge_counts(correct, total))
 
 
 @FUZZ
