@@ -20,7 +20,7 @@ __all__ = ["environment", "extension_status", "format_environment", "load_averag
 def extension_status() -> dict[str, Any]:
     """Whether ``dnet_fast._C`` imports, where from, and which functions it exposes."""
     try:
-        from dnet_fast import _C
+        from dnet_fast.sampling import _C
     except ImportError as err:
         return {"built": False, "error": str(err)}
     names = sorted(n for n in dir(_C) if not n.startswith("_"))

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from dnet_fast.atomic import atomic_write_json
-from dnet_fast.convert.images import ImageOptions
 from dnet_fast.convert.journal import JOURNAL_NAME, REPORT_NAME, Journal, remove_tmp_files
+from dnet_fast.convert.options import ConvertOptions
 from dnet_fast.convert.sources import Source
 from dnet_fast.convert.split_shards import RunState, worker_pool, write_split_shards
 from dnet_fast.convert.splitfile import MAX_LISTED, ConversionError, Problem, split_stats
@@ -39,40 +39,6 @@ __all__ = [
 ]
 
 CONVERTER_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Output settings of one conversion.
-
-    Attributes:
-        image: how images are checked and stored.
-        formats: outputs to write: ``wds`` (tar shards + DALI index, always needed) and ``ffcv`` (.beton).
-        shard_size: samples per tar shard (also the resume granularity).
-        workers: image-encoding processes (0: in this process).
-        skip_bad: skip bad entries and list them in report.json instead of stopping.
-        progress: show a progress bar (images/s and ETA).
-        raw_fraction: share of samples stored raw in the FFCV ``proportion`` mode.
-        overwrite: replace an existing conversion made with different arguments.
-    """
-
-    image: ImageOptions = field(default_factory=ImageOptions)
-    formats: tuple[str, ...] = ("wds", "ffcv")
-    shard_size: int = 5000
-    workers: int = 0
-    skip_bad: bool = False
-    progress: bool = True
-    raw_fraction: float = 0.5
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = set(self.formats) - {"wds", "ffcv"}
-        if unknown or "wds" not in self.formats:
-            msg = f"formats must include 'wds' and may add 'ffcv', got {self.formats}"
-            raise ValueError(msg)
-        if self.shard_size < 1 or self.workers < 0:
-            msg = f"need shard_size >= 1 and workers >= 0, got {self.shard_size}, {self.workers}"
-            raise ValueError(msg)
 
 
 @dataclass

@@ -9,19 +9,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm import tqdm
 
 from dnet_fast.convert.encode import encode_task, init_worker
 from dnet_fast.convert.images import BadImage, Prepared
 from dnet_fast.convert.journal import Journal
+from dnet_fast.convert.options import ConvertOptions
 from dnet_fast.convert.sources import Source
 from dnet_fast.convert.splitfile import ConversionError, Problem
 from dnet_fast.shardformat import ShardWriter, sample_key
-
-if TYPE_CHECKING:
-    from dnet_fast.convert.pipeline import ConvertOptions
 
 __all__ = ["RunState", "worker_pool", "write_split_shards"]
 
