@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ __all__ = [
     "atomic_open",
     "atomic_path",
     "atomic_write_json",
+    "finite_json",
     "fsync_dir",
     "publish",
     "sha256_file",
@@ -73,19 +75,35 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         yield f
 
 
+def finite_json(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """``obj`` with every NaN / ±inf float replaced by None (JSON has no such numbers; ``json`` would write
+    ``NaN``, which strict readers reject); ``default`` converts other objects first (as in ``json.dumps``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, default) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v, default) for v in obj]
+    if obj is None or isinstance(obj, str | int | bool) or default is None:
+        return obj
+    return finite_json(default(obj), None)
+
+
 def atomic_write_json(
     path: str | Path, obj: Any, *, indent: int = 1, default: Callable[[Any], Any] | None = None
 ) -> None:
-    """Writes ``obj`` as indented JSON (and a final newline) through :func:`atomic_path`.
+    """Writes ``obj`` as indented, strictly valid JSON (and a final newline) through :func:`atomic_path`.
 
     Args:
         path: the file to create or replace.
-        obj: JSON-ready data; ``default`` converts anything else (as in ``json.dumps``).
+        obj: JSON-ready data; ``default`` converts anything else (as in ``json.dumps``); non-finite floats are
+            written as null (`finite_json`).
         indent: spaces per level.
         default: called for objects ``json`` cannot serialise.
     """
+    text = json.dumps(finite_json(obj, default), indent=indent, allow_nan=False)
     with atomic_open(path, "w") as f:
-        f.write(json.dumps(obj, indent=indent, default=default) + "\n")
+        f.write(text + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -1,4 +1,5 @@
-"""Checkpoint files: saved atomically (``dnet_fast.atomic``), loaded with ``weights_only=True``."""
+"""Checkpoint files (saved atomically through ``dnet_fast.atomic``, loaded with ``weights_only=True``) and the layout
+of a training run's checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import torch
 
 from dnet_fast.atomic import atomic_open
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "PROGRESS_KEYS",
+    "CheckpointError",
+    "check_resumable",
+    "load_checkpoint",
+    "rng_state",
+    "run_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 class CheckpointError(ValueError):
@@ -40,4 +51,52 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         msg = f"{path} is not a dnet-fast checkpoint (no 'model'/'config' entries)"
         raise CheckpointError(msg)
+    if not isinstance(state["config"], dict):
+        msg = f"{path}: its 'config' entry is a {type(state['config']).__name__}, not a mapping of config sections"
+        raise CheckpointError(msg)
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A training run's checkpoint: config, RNG, progress and what the meta mode owns
+
+FORMAT = "dnet-fast/2"
+#: Progress entries of a run checkpoint (``next_acc``: A_C the next epoch starts with).
+PROGRESS_KEYS = ("epoch", "global_step", "next_acc", "best_val", "best_epoch")
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (CPU, and every CUDA device when available)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_state(config: dict[str, Any], owned_state: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
+    """A run checkpoint: ``config`` (as ``config_to_dict``), the RNG, ``progress`` (`PROGRESS_KEYS`) and the meta
+    mode's ``state_dict()`` — everything ``MetaMode.owned`` declares, each under its declared name."""
+    return {"format": FORMAT, "config": config, "rng": rng_state(), **progress, **owned_state}
+
+
+def check_resumable(config: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
+    """A resumed run must use the checkpoint's config (only ``run.*`` and ``optim.epochs`` may differ).
+
+    Raises:
+        ValueError: a key differs (the message names it and both values).
+    """
+    for section, values in saved.items():
+        for key, value in values.items():
+            if section == "run" or (section, key) == ("optim", "epochs"):
+                continue
+            mine = config.get(section, {}).get(key)
+            if mine != value:
+                msg = f"cannot resume from {path}: {section}.{key} is {mine!r} but the checkpoint was trained with {value!r}"
+                raise ValueError(msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -187,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after `bench` belongs to the benchmark runner's own parser (--cpu, --only, ...).
         return _cmd_bench(argparse.Namespace(args=argv[1:]))
     args = get_parser().parse_args(argv)
+    _configure_logging()
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, OSError, ImportError) as err:
@@ -194,6 +196,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one clear line, non-zero exit, nothing written.
         print(f"dnet-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from dnet_fast.engine import TrainingDiverged  # already loaded: only training raises it
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"dnet-fast {args.command}: error: {err}", file=sys.stderr)
+        return 3
+
+
+def _configure_logging() -> None:
+    """The package's log records (a jvp fallback, an ignored compile request) go to stderr, INFO and above."""
+    logger = logging.getLogger("dnet_fast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dnet-fast: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ entry point runs right after ``load_config``, before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -160,7 +161,8 @@ class RunConfig:
     """Where and how the run executes."""
 
     seed: int = 0  # the seed of every random draw of the run
-    out_dir: str = "runs/default"  # run directory (config, metrics, checkpoints)
+    name: str = ""  # run name ("": the preset's name, or "train"); names the default run directory
+    out_dir: str = ""  # run directory; "": a new runs/<name>/<UTC time>-<mode>-s<seed> for every run
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
     eval_batch: int = 256  # evaluation batch size
@@ -283,7 +285,6 @@ def _check_run(c: TrainConfig) -> None:
     _choice(r.select, "run.select", SELECTIONS)
     _require(r.threads >= 0, "run.threads", "must be >= 0")
     _choice(r.graph, "run.graph", GRAPH_CHOICES)
-    _require(bool(r.out_dir), "run.out_dir", "must not be empty")
 
 
 _CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run)
@@ -307,9 +308,14 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     """Builds a TrainConfig from nested dicts; unknown sections or keys raise ValueError naming ``source``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        msg = f"{source}: the config must be a mapping of sections, got {type(raw).__name__}"
+        raise ValueError(msg)
     sections = {f.name: f for f in fields(TrainConfig)}
     built = {}
-    for name, values in (raw or {}).items():
+    for name, values in raw.items():
         if name not in sections:
             msg = f"{source}: unknown config section '{name}'; valid: {', '.join(sections)}"
             raise ValueError(msg)
@@ -353,7 +359,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 raise TypeError
             return int(value)
         if hint is float:
-            return float(value)
+            number = float(value)
         if hint is str:
             if isinstance(value, bool):
                 # YAML 1.1 reads a bare off/on as a boolean; every string option spells them as words.
@@ -362,7 +368,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     except (TypeError, ValueError):
         msg = f"invalid config value {key}: cannot read {value!r} as {hint.__name__}"
         raise ValueError(msg) from None
+    if hint is float:
+        return _finite(number, value, key)
     return value
+
+
+def _finite(number: float, value: Any, key: str) -> float:
+    """``number`` unless it is NaN or ±inf: no config value is meaningful there (an infinite lr diverges)."""
+    if not math.isfinite(number):
+        msg = f"invalid config value {key}: {value!r} is not a finite number"
+        raise ValueError(msg)
+    return number
 
 
 def _to_bool(value: Any) -> bool:
@@ -412,12 +428,19 @@ def preset_names() -> list[str]:
 
 
 def preset_path(name_or_path: str) -> Path:
-    """Resolves a preset name or a YAML path; raises ValueError listing the presets when neither exists."""
+    """Resolves a preset: a shipped name (``demo``) or the path of a YAML file, which must exist.
+
+    Raises:
+        ValueError: neither a shipped preset nor an existing file (the message lists the presets).
+    """
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    candidate = PRESET_DIR / f"{path.stem}.yaml"
-    if candidate.exists() and path.suffix in ("", ".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # a path, never a shipped preset's name
+        if path.is_file():
+            return path
+        msg = f"preset file {name_or_path} does not exist (shipped presets: {', '.join(preset_names())})"
+        raise ValueError(msg)
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
         return candidate
     msg = f"unknown preset '{name_or_path}'; valid: {', '.join(preset_names())} (or a path to a .yaml file)"
     raise ValueError(msg)
@@ -434,6 +457,8 @@ def load_config(preset: str | None = None, overrides: typing.Iterable[str] = ())
         with path.open() as f:
             raw = yaml.safe_load(f) or {}
         cfg = config_from_dict(raw, source=str(path))
+        if not cfg.run.name:  # the default run directory is named after the preset
+            cfg = replace(cfg, run=replace(cfg.run, name=path.stem))
     return apply_overrides(cfg, overrides).validate()
 
 

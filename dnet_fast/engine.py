@@ -1,7 +1,8 @@
-"""The training loop: per-epoch A_C measurement, meta steps, the per-class history, checkpoints and resume."""
+"""The training loop: per-epoch A_C measurement, meta steps, the finite-value guard, checkpoints and resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,18 +11,43 @@ from typing import Any
 import numpy as np
 import torch
 
-from dnet_fast.checkpoint import load_checkpoint, save_checkpoint
+from dnet_fast.checkpoint import (
+    PROGRESS_KEYS,
+    check_resumable,
+    load_checkpoint,
+    run_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dnet_fast.config import TrainConfig, config_to_dict
 from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, make_loader
 from dnet_fast.evaluation import class_accuracy, evaluate, evaluate_from_accuracy, resolve_device
-from dnet_fast.history import HistoryRow, HistoryWriter
-from dnet_fast.meta import class_weights
+from dnet_fast.history import HistoryWriter
 from dnet_fast.plugins import check_names
-from dnet_fast.runlog import RunLog, progress
+from dnet_fast.records import TrainCounts, history_row, weight_stats
+from dnet_fast.rundir import check_fresh, new_run_dir
+from dnet_fast.runlog import RunLog, epoch_line, progress
 from dnet_fast.schedule import apply_lr, lr_factor
 from dnet_fast.stack import TrainingStack, build_stack
 
-__all__ = ["Session", "build_session", "fit"]
+__all__ = ["Session", "TrainingDiverged", "build_session", "fit", "resolve_run_dir"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient, parameter or class weight became NaN or infinite; the run stopped without reporting.
+
+    Attributes:
+        epoch: the epoch of the first non-finite iteration.
+        global_step: its global iteration (0-based).
+    """
+
+    def __init__(self, epoch: int, global_step: int, iteration: int, checkpoint: Path) -> None:
+        self.epoch, self.global_step = epoch, global_step
+        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.exists() else "no checkpoint was written"
+        super().__init__(
+            f"training diverged: a non-finite loss, gradient, parameter or class weight at epoch {epoch}, "
+            f"iteration {iteration} of the epoch (global step {global_step}); {kept}; no accuracy is reported"
+        )
 
 
 @dataclass
@@ -50,7 +76,11 @@ def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, 
 
 
 def build_session(cfg: TrainConfig) -> Session:
-    """Builds data, the training stack and the loaders for ``cfg`` (validated; plugin names are checked here)."""
+    """Builds data, the training stack and the loaders for ``cfg`` (validated; plugin names are checked here).
+
+    Raises:
+        ValueError: a plugin name is unknown, or the training set holds fewer images than one batch.
+    """
     check_names(cfg)
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
@@ -58,6 +88,10 @@ def build_session(cfg: TrainConfig) -> Session:
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     stack = build_stack(cfg, bundle.class_counts, device)
     loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
+    if len(loader) == 0:
+        msg = (f"invalid config value optim.batch_size: {cfg.optim.batch_size} is larger than the training set "
+               f"({len(bundle.train)} images): every epoch would run zero iterations")
+        raise ValueError(msg)
     valset = MetaSet(
         bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
         crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
@@ -69,58 +103,28 @@ def _val_accuracy(s: Session) -> torch.Tensor:
     """A_C on the device-resident val set (no re-decoding per epoch)."""
     n, bs = len(s.valset), s.cfg.run.eval_batch
     batches = ((s.valset.images[i : i + bs], s.valset.labels[i : i + bs]) for i in range(0, n, bs))
-    return class_accuracy(s.stack.model, batches, s.bundle.num_classes, s.cfg, s.device)
+    shown = progress(batches, total=-(-n // bs), desc="A_C (val)", images_per_item=bs, enabled=s.cfg.run.progress)
+    return class_accuracy(s.stack.model, shown, s.bundle.num_classes, s.cfg, s.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoint state
+# Run directory and resume
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def resolve_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``run.out_dir`` set: a new directory per run when it is empty (see ``rundir.new_run_dir``)."""
+    if cfg.run.out_dir:
+        return cfg
+    out = new_run_dir(cfg.run.name, cfg.meta.mode, cfg.run.seed)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out)))
+
+
+def _resume_state(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The checkpoint a resumed run continues from, checked against ``cfg`` before anything is written."""
+    path = Path(cfg.run.out_dir) / "last.pt"
+    state = load_checkpoint(path, map_location=device)
+    check_resumable(config_to_dict(cfg), state["config"], path)
     return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-_PROGRESS = ("epoch", "global_step", "next_acc", "best_val", "best_epoch")
-
-
-def _checkpoint_state(s: Session, progress_state: dict[str, Any]) -> dict[str, Any]:
-    """Config, RNG, progress and everything the meta mode owns (``MetaMode.owned``: model, criterion,
-    optimisers, auxiliary nets, A), each under its declared name."""
-    return {
-        "format": "dnet-fast/2",
-        "config": config_to_dict(s.cfg),
-        "rng": _rng_state(),
-        **progress_state,
-        **s.stack.meta.state_dict(),
-    }
-
-
-def _restore(s: Session, state: dict[str, Any]) -> dict[str, Any]:
-    s.stack.meta.load_state_dict(state)
-    _set_rng_state(state["rng"])
-    return {k: state[k] for k in _PROGRESS}
-
-
-def _check_resumable(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
-    """A resumed run must use the checkpoint's config (only run.* and optim.epochs may differ)."""
-    mine = config_to_dict(cfg)
-    for section, values in saved.items():
-        for key, value in values.items():
-            if section == "run" or (section, key) == ("optim", "epochs"):
-                continue
-            if mine[section][key] != value:
-                msg = (f"cannot resume from {path}: {section}.{key} is {mine[section][key]!r} but the checkpoint "
-                       f"was trained with {value!r}")
-                raise ValueError(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,67 +138,30 @@ def _initial_accuracy(s: Session) -> torch.Tensor:
     return _val_accuracy(s)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The per-class history (dnet_fast.history): one row per A_C refresh
-
-
-def _loss_factors(s: Session) -> np.ndarray | None:
-    """(C,) factor on each sample's loss now: Difficulty-Net's w times the loss's own class weights (CB, LDAM-DRW,
-    CDB-CE); None when weights are per sample (MWN) and the loss has none."""
-    w = s.stack.meta.class_weights()  # ones for off, None for mwn
-    own = getattr(s.stack.criterion, "class_weight", None)
-    if w is None and own is None:
-        return None
-    factors = torch.ones(s.bundle.num_classes, dtype=torch.float64)
-    for part in (w, own):
-        if part is not None:
-            factors = factors * part.detach().double().cpu()  # sync point
-    return factors.numpy()
-
-
-def _difficulties(s: Session) -> np.ndarray | None:
-    meta = s.stack.meta
-    if meta.diffnet is None:
-        return None
-    with torch.no_grad():
-        _, d = class_weights(meta.diffnet, meta.acc, s.cfg.diffnet.normalize)
-    return d.double().cpu().numpy()  # sync point
-
-
-class _TrainCounts:
-    """Per-class train accuracy over the batches since the last refresh, from the step's running counters."""
-
-    def __init__(self, counter: Any) -> None:
-        self.counter = counter
-        self.mark()
-
-    def mark(self) -> None:
-        """Starts a new interval at the counters' current values."""
-        self._since = (self.counter.correct.clone(), self.counter.total.clone())
-
-    def accuracy(self) -> np.ndarray:
-        """(C,) accuracy since the mark; NaN for classes without a sample in the interval."""
-        correct = (self.counter.correct - self._since[0]).double().cpu()  # sync point
-        total = (self.counter.total - self._since[1]).double().cpu()
-        return torch.where(total > 0, correct / total.clamp_min(1), torch.nan).numpy()
-
-
-def _history_row(s: Session, step: int, epoch: int, acc: torch.Tensor, train_acc: np.ndarray | None, *,
-                 measured: bool) -> HistoryRow:
-    """The refresh just installed in the meta mode and the loss, as a history row."""
-    host_acc = acc.detach().double().cpu().numpy()  # sync point
-    return HistoryRow(step=step, epoch=epoch, acc=host_acc, difficulty=_difficulties(s), weights=_loss_factors(s),
-                      train_acc=train_acc, val_acc=host_acc if measured else None)
-
-
 def _install_accuracy(s: Session, epoch: int, acc: torch.Tensor) -> None:
     """A_C for the iterations from now on: into the meta mode's static buffer and the loss's epoch buffers."""
     s.stack.meta.set_class_accuracy(acc.to(s.device))
     s.stack.criterion.start_epoch(epoch, acc.to(s.device))
 
 
-def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog,
-                 history: HistoryWriter) -> tuple[int, dict[str, Any], np.ndarray]:
+class _Guard:
+    """Reads the step's finite-value flag (a host sync) and raises `TrainingDiverged` naming the iteration."""
+
+    def __init__(self, s: Session, first_step: int, epoch_starts: dict[int, int]) -> None:
+        self.guard, self.first_step, self.epoch_starts = s.stack.step.guard, first_step, epoch_starts
+        self.checkpoint = Path(s.cfg.run.out_dir) / "last.pt"
+
+    def check(self) -> None:
+        bad = self.guard.first_bad_iteration()
+        if bad is None:
+            return
+        step = self.first_step + bad
+        epoch = max(e for e, start in self.epoch_starts.items() if start <= step)
+        raise TrainingDiverged(epoch, step, step - self.epoch_starts[epoch], self.checkpoint)
+
+
+def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog, history: HistoryWriter,
+                 guard: _Guard) -> tuple[int, dict[str, Any], np.ndarray]:
     """Runs one epoch of meta steps; returns the new global step, epoch statistics and the train accuracy of the
     epoch's last refresh interval."""
     cfg, meta, step = s.cfg, s.stack.meta, s.stack.step
@@ -204,20 +171,24 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog,
                        images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
     stats: dict[str, torch.Tensor] = {}
     step.counter.reset()
-    train_counts = _TrainCounts(step.counter)
+    train_counts = TrainCounts(step.counter)
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
+            guard.check()  # a diverged model's accuracy is not fed back
             acc = _val_accuracy(s)
             meta.set_class_accuracy(acc)
             if global_step != history.last_step:  # at an epoch start the epoch's own refresh row covers it
-                history.append(_history_row(s, global_step, epoch, acc, train_counts.accuracy(), measured=True))
+                history.append(history_row(s.stack, cfg.diffnet.normalize, global_step, epoch, acc,
+                                           train_counts.accuracy(), measured=True))
                 train_counts.mark()
         meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if meta.needs_meta_batch else None
         stats = _scalars(step.step(x, y, meta_batch))
         global_step += 1
         images += y.shape[0]
         if global_step % cfg.run.log_every == 0:
+            guard.check()
             log.log("train", global_step, {**stats, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
+    guard.check()  # before anything of this epoch is evaluated or checkpointed
     seconds = time.perf_counter() - start
     correct, total = step.counter.correct.sum(), step.counter.total.sum()
     epoch_stats = {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
@@ -230,51 +201,77 @@ def _scalars(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in outputs.items() if v.ndim == 0}
 
 
-def _weight_stats(s: Session) -> dict[str, float]:
-    w = s.stack.meta.class_weights()
-    if w is None:
-        return {}
-    w = w.detach().float().cpu()  # sync point
-    e = float(-(torch.log(w.clamp_min(1e-12))).mean())
-    return {"w_min": float(w.min()), "w_max": float(w.max()), "E": e}
-
-
 def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Trains per ``cfg``, checkpointing after every epoch, and evaluates the selected model on the test set.
 
+    Everything that can be checked is checked before the run directory is touched: plugin names, the data, the
+    batch size against the training set, a fresh directory (or, with ``resume``, a loadable checkpoint whose
+    config matches). A non-finite loss, gradient, parameter or class weight stops the run (`TrainingDiverged`)
+    at the next logging point; no non-finite state is ever checkpointed or evaluated.
+
     Args:
-        cfg: validated configuration.
+        cfg: validated configuration; an empty ``run.out_dir`` becomes a new directory (`resolve_run_dir`).
         resume: continue from ``run.out_dir/last.pt`` (bit-exact on CPU).
         stop_after: stop after this many epochs in this call (as if interrupted); the test set is not evaluated.
 
     Returns:
         The results written to ``results.json`` (empty test entries when stopped early).
+
+    Raises:
+        ValueError: a bad config or run directory (nothing written). TrainingDiverged: see above.
     """
-    s = build_session(cfg)
+    if resume and not cfg.run.out_dir:
+        msg = "--resume needs the run to continue: set run.out_dir=RUN_DIR"
+        raise ValueError(msg)
+    cfg = resolve_run_dir(cfg)
     out = Path(cfg.run.out_dir)
-    log = RunLog(out, tensorboard=cfg.run.tensorboard)
+    state = None
+    if resume:
+        state = _resume_state(cfg, resolve_device(cfg.run.device))
+    else:
+        check_fresh(out)
+    s = build_session(cfg)
+    progress_state = {"epoch": 0, "global_step": 0, "next_acc": None, "best_val": -1.0, "best_epoch": -1}
+    if state is not None:
+        s.stack.meta.load_state_dict(state)
+        set_rng_state(state["rng"])
+        progress_state = {k: state[k] for k in PROGRESS_KEYS}
+        s.stack.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
+    log = RunLog(out, tensorboard=cfg.run.tensorboard,
+                 resume=None if state is None else (progress_state["global_step"], progress_state["epoch"]))
     log.write_config(cfg)
     log.write_json("meta_set.json", {"indices": [int(i) for i in s.valset.indices]})
-    progress_state = {"epoch": 0, "global_step": 0, "next_acc": None, "best_val": -1.0, "best_epoch": -1}
-    if resume:
-        path = out / "last.pt"
-        state = load_checkpoint(path, map_location=s.device)
-        _check_resumable(cfg, state["config"], path)
-        progress_state = _restore(s, state)
-        s.stack.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
-    history = HistoryWriter(out, s.bundle.num_classes, resume_step=progress_state["global_step"] if resume else None)
+    history = HistoryWriter(out, s.bundle.num_classes, resume_step=None if state is None else progress_state["global_step"])
+    try:
+        results = _run(s, out, log, history, progress_state, stop_after)
+    finally:
+        log.close()
+        history.close()
+    return results
+
+
+def _run(s: Session, out: Path, log: RunLog, history: HistoryWriter, progress_state: dict[str, Any],
+         stop_after: int | None) -> dict[str, Any]:
+    """The epochs of `fit` after set-up: train, measure A_C, log, record, checkpoint; then the test evaluation."""
+    cfg = s.cfg
     acc = progress_state["next_acc"]
     if acc is None:
         acc = _initial_accuracy(s)
         _install_accuracy(s, 0, acc)
-        history.append(_history_row(s, 0, 0, acc, None, measured=cfg.diffnet.init_acc == "eval"))
+        history.append(history_row(s.stack, cfg.diffnet.normalize, 0, 0, acc, None,
+                                   measured=cfg.diffnet.init_acc == "eval"))
     first = progress_state["epoch"]
     last = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, first + stop_after)
+    epoch_starts: dict[int, int] = {}
+    guard = _Guard(s, progress_state["global_step"], epoch_starts)
+    started = time.perf_counter()
     for epoch in range(first, last):
+        epoch_starts[epoch] = progress_state["global_step"]
         apply_lr(s.stack.optimizer, lr_factor(epoch, cfg.optim))
         _install_accuracy(s, epoch, acc)
-        weights = _weight_stats(s)
-        global_step, train_stats, train_acc = _train_epoch(s, epoch, progress_state["global_step"], log, history)
+        weights = weight_stats(s.stack)
+        global_step, train_stats, train_acc = _train_epoch(s, epoch, progress_state["global_step"], log, history,
+                                                           guard)
         # The val accuracy at the end of epoch e is A_C for epoch e + 1 (the model does not change in between).
         acc = _val_accuracy(s)
         val = evaluate_from_accuracy(acc, s.bundle.val, s.bundle)
@@ -284,19 +281,22 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
             "best_val": max(val.top1, progress_state["best_val"]),
             "best_epoch": epoch if improved else progress_state["best_epoch"],
         }
-        log.log("epoch", epoch, {**train_stats, **val.as_dict("val_"), **weights,
-                                 "lr": s.stack.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)})
+        row = {**train_stats, **val.as_dict("val_"), **weights,
+               "lr": s.stack.optimizer.param_groups[0]["base_lr"] * lr_factor(epoch, cfg.optim)}
+        log.log("epoch", epoch, row)
         # The next epoch's refresh is installed and recorded now, so its row is durable before this checkpoint.
         _install_accuracy(s, epoch + 1, acc)
-        history.append(_history_row(s, global_step, epoch + 1, acc, train_acc, measured=True))
-        state = _checkpoint_state(s, progress_state)
+        history.append(history_row(s.stack, cfg.diffnet.normalize, global_step, epoch + 1, acc, train_acc,
+                                   measured=True))
+        state = run_state(config_to_dict(cfg), s.stack.meta.state_dict(), progress_state)
         save_checkpoint(out / "last.pt", state)
         if cfg.run.select == "val" and improved:
             save_checkpoint(out / "best.pt", state)
+        elapsed = time.perf_counter() - started
+        print(epoch_line(epoch, cfg.optim.epochs, row, eta_s=elapsed / (epoch + 1 - first) * (last - epoch - 1)),
+              flush=True)
     results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
     log.write_json("results.json", results)
-    log.close()
-    history.close()
     return results
 
 
@@ -315,6 +315,7 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
         results["selected"] = f"best val (epoch {progress_state['best_epoch']})"
     else:
         results["selected"] = "last epoch"
-    test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device)
+    print(f"test: evaluating {len(s.bundle.test)} images ({results['selected']})", flush=True)
+    test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device, show_progress=s.cfg.run.progress)
     results["test"] = {**test.as_dict(), "per_class": list(test.per_class)}
     return results

@@ -19,6 +19,7 @@ from dnet_fast.data import DATASETS, DataBundle, eval_batches, group_accuracies
 from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
+from dnet_fast.runlog import progress
 
 __all__ = [
     "EvalResult",
@@ -75,10 +76,13 @@ def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     return counter.per_class_accuracy()
 
 
-def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig,
-             device: torch.device) -> EvalResult:
-    """Balanced top-1 and many/medium/few accuracies (groups from the training counts)."""
-    batches = eval_batches(split, bundle, cfg.run.eval_batch, device, cfg.data.crop_size)
+def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig, device: torch.device, *,
+             show_progress: bool = False) -> EvalResult:
+    """Balanced top-1 and many/medium/few accuracies (groups from the training counts); ``show_progress``: a
+    progress bar over the batches (on a terminal)."""
+    bs = cfg.run.eval_batch
+    batches = progress(eval_batches(split, bundle, bs, device, cfg.data.crop_size), total=-(-len(split) // bs),
+                       desc="eval", images_per_item=bs, enabled=show_progress)
     return evaluate_from_accuracy(class_accuracy(model, batches, bundle.num_classes, cfg, device), split, bundle)
 
 

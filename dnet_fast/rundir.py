@@ -1,15 +1,54 @@
-"""Reading a run directory back: results.json, metrics.jsonl, JSON-lines files with a torn last line, labels."""
+"""Run directories: naming a new one, refusing to train into an existing run, and reading one back (results.json,
+metrics.jsonl, JSON-lines files with a torn last line, labels)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "RESULTS_FILE", "load_results", "read_jsonl", "read_metrics", "run_label", "run_seed"]
+__all__ = [
+    "METRICS_FILE",
+    "RESULTS_FILE",
+    "RUN_FILES",
+    "check_fresh",
+    "load_results",
+    "new_run_dir",
+    "read_jsonl",
+    "read_metrics",
+    "run_label",
+    "run_seed",
+]
 
 RESULTS_FILE = "results.json"  # written by engine.fit at the end of a run (also when stopped early)
 METRICS_FILE = "metrics.jsonl"  # runlog.RunLog.log rows {"kind": "train" | "epoch", "step", ...}
+#: Files whose presence means a directory holds a run (training into it again needs --resume).
+RUN_FILES = ("config.yaml", METRICS_FILE, "last.pt", RESULTS_FILE, "history.jsonl")
+
+
+def new_run_dir(name: str, mode: str, seed: int, root: str | Path = "runs") -> Path:
+    """A run directory that does not exist yet: ``root/<name>/<UTC time>-<mode>-s<seed>`` (``-2``, ... if taken)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / (name or "train") / f"{stamp}-{mode}-s{seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def check_fresh(run_dir: str | Path) -> None:
+    """Refuses a directory that already holds a run, so a new run never appends to another's files.
+
+    Raises:
+        ValueError: the directory holds one of `RUN_FILES` (the message says to resume or pick another).
+    """
+    found = [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
+    if found:
+        msg = (f"{run_dir} already holds a run ({', '.join(found)}): pass --resume to continue it, or choose "
+               "another run.out_dir (leave it unset for a new directory per run)")
+        raise ValueError(msg)
 
 
 def read_jsonl(path: str | Path, *, skip_damaged: bool = False) -> list[dict[str, Any]]:

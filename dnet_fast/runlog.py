@@ -17,7 +17,7 @@ from dnet_fast.atomic import atomic_open, atomic_write_json
 from dnet_fast.config import TrainConfig, dump_yaml
 from dnet_fast.info import environment
 
-__all__ = ["RunLog", "progress"]
+__all__ = ["RunLog", "epoch_line", "format_seconds", "progress"]
 
 T = TypeVar("T")
 
@@ -37,13 +37,22 @@ class RunLog:
     Args:
         out_dir: the run directory, created if needed.
         tensorboard: also write TensorBoard event files under ``out_dir/tb``.
+        resume: ``(global_step, epochs_done)`` of the checkpoint a resumed run continues from: metrics.jsonl is
+            first rewritten (atomically) without the rows a killed run logged after that checkpoint, so no step
+            appears twice, and TensorBoard purges its events past the step. None: a fresh run.
     """
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, tensorboard: bool = True, resume: tuple[int, int] | None = None
+    ) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.dir / "metrics.jsonl").open("a")
-        self._tb = _open_tensorboard(self.dir / "tb") if tensorboard else None
+        path = self.dir / "metrics.jsonl"
+        if resume is not None and path.is_file():
+            _truncate_metrics(path, *resume)
+        self._jsonl = path.open("a")
+        purge = None if resume is None else resume[0] + 1
+        self._tb = _open_tensorboard(self.dir / "tb", purge) if tensorboard else None
 
     def write_config(self, cfg: TrainConfig) -> None:
         """Saves the resolved config as ``config.yaml`` and the environment as ``env.json``."""
@@ -72,7 +81,28 @@ class RunLog:
             self._tb.close()
 
 
-def _open_tensorboard(path: Path) -> Any:
+def _kept(row: dict[str, Any], global_step: int, epochs_done: int) -> bool:
+    """Whether a metrics row precedes the checkpoint: train rows by global step, epoch rows by epoch index."""
+    if row.get("kind") == "epoch":
+        return int(row["step"]) < epochs_done
+    return int(row["step"]) <= global_step
+
+
+def _truncate_metrics(path: Path, global_step: int, epochs_done: int) -> None:
+    """Rewrites metrics.jsonl without rows logged after the checkpoint (and without a torn last line)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed writer
+        if isinstance(row, dict) and _kept(row, global_step, epochs_done):
+            kept.append(line)
+    with atomic_open(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def _open_tensorboard(path: Path, purge_step: int | None = None) -> Any:
     try:
         with warnings.catch_warnings():
             # tensorboard's protobuf modules emit deprecation warnings at import on recent Pythons.
@@ -81,7 +111,7 @@ def _open_tensorboard(path: Path) -> Any:
     except ImportError:
         warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=3)
         return None
-    return SummaryWriter(log_dir=str(path))
+    return SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
 
 def progress(items: Iterable[T], *, total: int, desc: str, images_per_item: int, enabled: bool) -> Iterator[T]:
@@ -96,3 +126,43 @@ def progress(items: Iterable[T], *, total: int, desc: str, images_per_item: int,
             bar.update(1)
     finally:
         bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    """``1h02m``, ``5m10s`` or ``42s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _pct(value: Any) -> str:
+    value = _plain(value)
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def epoch_line(epoch: int, epochs: int, row: Mapping[str, Any], *, eta_s: float) -> str:
+    """The one summary line printed after every epoch (to stdout, terminal or not: Slurm, nohup and CI logs).
+
+    Args:
+        epoch: the finished epoch (0-based).
+        epochs: the run's epochs.
+        row: the epoch's metrics.jsonl row (``last_loss``, ``train_top1``, ``val_*``, ``images_per_s``, ...).
+        eta_s: estimated seconds until the last epoch of this call ends.
+    """
+    loss = _plain(row.get("last_loss"))
+    parts = [
+        f"epoch {epoch + 1}/{epochs}",
+        f"loss {loss:.4f}" if loss is not None else "loss n/a",
+        f"train top-1 {_pct(row.get('train_top1'))}",
+        f"val top-1 {_pct(row.get('val_top1'))} (many {_pct(row.get('val_many'))}, medium "
+        f"{_pct(row.get('val_medium'))}, few {_pct(row.get('val_few'))})",
+        f"{_plain(row.get('images_per_s')) or 0:,.0f} img/s",
+        f"{format_seconds(_plain(row.get('epoch_seconds')) or 0)}",
+        f"ETA {format_seconds(eta_s)}",
+    ]
+    if row.get("w_max") is not None:
+        parts.insert(4, f"w [{row['w_min']:.3f}, {row['w_max']:.3f}]")
+    return " | ".join(parts)

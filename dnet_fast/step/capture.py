@@ -13,6 +13,7 @@ from torch import Tensor
 from dnet_fast.config import GRAPH_CHOICES, PRECISIONS
 from dnet_fast.meta import MetaMode
 from dnet_fast.metrics import DeviceClassCounter
+from dnet_fast.step.health import FiniteGuard
 from dnet_fast.step.sgd import DeviceLRSGD
 from dnet_fast.step.snapshot import StateSnapshot, step_optimizers
 
@@ -63,6 +64,7 @@ class TrainStep:
 
     Attributes:
         counter: per-class training correct/total of the real forwards since the last ``counter.reset()``.
+        guard: the finite-value flag of every iteration (`FiniteGuard`), read by the engine at logging points.
         warmup_seconds: wall time of the warm-up iterations (None until captured).
         capture_seconds: wall time of capture and instantiation (None until captured).
     """
@@ -96,6 +98,8 @@ class TrainStep:
         self.graph, self.precision, self.channels_last = graph, precision, channels_last
         self.warmup_iters, self.capture_error_mode = warmup_iters, capture_error_mode
         self.counter = DeviceClassCounter(meta.num_classes, self.device)
+        owned = meta.owned()
+        self.guard = FiniteGuard((p for m in owned.modules.values() for p in m.parameters()), self.device)
         self.warmup_seconds: float | None = None
         self.capture_seconds: float | None = None
         self._static: dict[str, Tensor] = {}
@@ -163,6 +167,7 @@ class TrainStep:
             out = self.meta.step(s["x"], s["y"], meta_batch)
         logits = out["logits"]
         self.counter.update(logits.to(torch.promote_types(logits.dtype, torch.float32)), s["y"])  # never narrows
+        self.guard.update(v for v in out.values() if v.ndim == 0)
         return out
 
     def step(
@@ -210,13 +215,16 @@ class TrainStep:
         RNG), which is what lets the first replay match the eager run.
         """
         self._load(x, y, meta_batch)
-        snapshot = StateSnapshot(self.meta, self.counter)
+        snapshot = self._snapshot()
         self._warm_up()
         snapshot.restore()
 
+    def _snapshot(self) -> StateSnapshot:
+        return StateSnapshot(self.meta, self.counter, extra=self.guard.tensors)
+
     def _capture(self) -> None:
         """Snapshot, warm-up, capture, restore; times warm-up and capture separately."""
-        snapshot = StateSnapshot(self.meta, self.counter)
+        snapshot = self._snapshot()
         start = time.perf_counter()
         self._warm_up()
         torch.cuda.synchronize(self.device)  # sync point: the warm-up time is measured on its own

@@ -30,11 +30,14 @@ def _optimizer_state(optimizers: Iterable[torch.optim.Optimizer]) -> Iterator[tu
                     yield key, value
 
 
-def mutable_state(meta: MetaMode, counter: DeviceClassCounter | None = None) -> list[Tensor]:
+def mutable_state(
+    meta: MetaMode, counter: DeviceClassCounter | None = None, extra: Iterable[Tensor] = ()
+) -> list[Tensor]:
     """Every tensor a step of ``meta`` may change in place (deduplicated, in a stable order).
 
     From ``meta.owned()``: parameters and buffers of its modules (BN running statistics and
-    ``num_batches_tracked`` included), the optimiser states that exist now and its tensors (A); plus the counters.
+    ``num_batches_tracked`` included), the optimiser states that exist now and its tensors (A); plus the counters
+    and the step's ``extra`` state (its finite-value guard).
     """
     owned = meta.owned()
     tensors: list[Tensor] = list(owned.tensors.values())
@@ -43,6 +46,7 @@ def mutable_state(meta: MetaMode, counter: DeviceClassCounter | None = None) -> 
     tensors += [t for _, t in _optimizer_state(owned.optimizers.values())]
     if counter is not None:
         tensors += [counter.correct, counter.total]
+    tensors += list(extra)
     unique: dict[int, Tensor] = {}
     for t in tensors:
         unique.setdefault(id(t), t)  # shared tensors (tied weights, the same optimizer twice) once
@@ -60,12 +64,15 @@ class StateSnapshot:
     Args:
         meta: the meta mode whose state to save.
         counter: device class counters to save as well.
+        extra: further step-owned tensors to save (the finite-value guard).
     """
 
-    def __init__(self, meta: MetaMode, counter: DeviceClassCounter | None = None) -> None:
+    def __init__(
+        self, meta: MetaMode, counter: DeviceClassCounter | None = None, extra: Iterable[Tensor] = ()
+    ) -> None:
         self.meta, self.counter = meta, counter
         with torch.no_grad():
-            self._saved = [(t, t.detach().clone()) for t in mutable_state(meta, counter)]
+            self._saved = [(t, t.detach().clone()) for t in mutable_state(meta, counter, extra)]
         self._cpu_rng = torch.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state(meta.device) if meta.device.type == "cuda" else None
 
