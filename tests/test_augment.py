@@ -8,12 +8,14 @@ how ``augment`` turns draws into ops, not only the ops themselves.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from benchmarks import runner
 from dnet_fast.config import DataConfig
 from dnet_fast.data import DATASETS, LOADERS, LoaderSpec, TensorSplit
 from dnet_fast.data.augment import apply_recipe, cutout_boxes, draw_recipe, pil_recipe
@@ -356,3 +358,14 @@ def test_resident_and_naive_are_close_with_the_imagenet_recipe():
     assert levels.mean() < 0.7
     assert (levels <= 1.01).double().mean() > 0.85
     assert (levels <= 4.01).double().mean() > 0.97
+
+
+def test_augment_benchmark_quick_smoke(tmp_path):
+    quick = ["--quick", "--cpu", "--threads", "1", "--repeats", "1", "--warmup", "0"]
+    assert runner.main([*quick, "--only", "augment", "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "results.json").read_text())["benchmarks"][0]["points"]
+    assert [p["params"]["name"] for p in points] == ["cifar_quick", "imagenet_quick"]
+    for point in points:
+        assert "error" not in point
+        assert set(point["variants"]) == {"pil", "batched"}
+        assert [r["name"] for r in point["ratios"]] == ["batched speed-up over PIL"]

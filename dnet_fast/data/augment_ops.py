@@ -158,9 +158,13 @@ def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> to
         x: uint8 (k, H, W, 3).
         factor: float64 (k,) CPU; rounded to float32 like PIL's C argument.
     """
-    d = degenerate.to(torch.float32)
     f = _per_image(factor.float(), x, torch.float32)
-    return (d + f * (x.to(torch.float32) - d)).clamp_(0, 255).trunc_().to(torch.uint8)
+    return _blend_f32(degenerate.to(torch.float32), x.to(torch.float32), f).to(torch.uint8)
+
+
+def _blend_f32(d: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """ImagingBlend's arithmetic on float32 operands: (float)(in1 + α·(in2 − in1)), clipped, truncated."""
+    return (d + f * (x - d)).clamp_(0, 255).trunc_()
 
 
 def grey_levels(x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +185,16 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _blend_lut(x: torch.Tensor, centre: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``blend`` with a per-image constant degenerate image, as a table: each level goes through the same
+    float32 operations as in ``blend``, so the result is identical, at the cost of one lookup per value."""
+    d = centre.to(device=x.device, dtype=torch.float32).view(-1, 1, 1)  # (k, 1, 1)
+    f = factor.to(device=x.device, dtype=torch.float32).view(-1, 1, 1)
+    return _lut(x, _blend_f32(d, _levels(x, torch.float32).view(1, 1, 256), f).long())  # (k, 1, 256)
+
+
 def _brightness(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
-    return blend(torch.zeros((), dtype=torch.uint8, device=x.device), x, arg)
+    return _blend_lut(x, torch.zeros(len(x), device=x.device), arg)  # PIL's degenerate image is black
 
 
 def _color(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
@@ -192,7 +204,7 @@ def _color(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill
 def _contrast(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
     grey = grey_levels(x)
     mean = grey.sum(dim=(1, 2), dtype=torch.int64).double() / (grey.shape[1] * grey.shape[2])
-    return blend(torch.floor(mean + 0.5).view(-1, 1, 1, 1), x, arg)  # ImageStat mean, int(mean + 0.5)
+    return _blend_lut(x, torch.floor(mean + 0.5), arg)  # ImageStat mean, int(mean + 0.5)
 
 
 def _sharpness(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
