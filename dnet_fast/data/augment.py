@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ __all__ = [
     "pil_recipe",
     "recipe_stages",
 ]
+
+
+ArgFn = Callable[[str, torch.Tensor], torch.Tensor]  # (op name, rows) → float64 arguments of those rows
 
 
 def draw_recipe(recipe: Recipe, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
@@ -98,10 +102,8 @@ class Stage:
     fill: tuple[int, int, int]
 
 
-def _args(
-    names: tuple[str, ...], op: torch.Tensor, arg_of: Callable[[str, torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Per-image arguments: ``arg_of(name, rows)`` evaluated for the images whose ``op`` picks each name."""
+def _args(names: tuple[str, ...], op: torch.Tensor, arg_of: ArgFn) -> torch.Tensor:
+    """float64 (n,) arguments: ``arg_of(name, rows)`` for the rows whose ``op`` picks each name."""
     arg = torch.zeros(len(op), dtype=torch.float64)
     for k, name in enumerate(names):
         rows = torch.nonzero(op == k).flatten()
@@ -111,21 +113,23 @@ def _args(
 
 
 def _color_jitter_stages(recipe: Recipe, p: dict[str, torch.Tensor]) -> list[Stage]:
-    j = recipe.color_jitter
-    factors = (
-        max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * p["cj_u"]
-    )  # (n, 3): brightness, contrast, saturation
+    lo, hi = max(0.0, 1 - recipe.color_jitter), 1 + recipe.color_jitter
+    factors = lo + (hi - lo) * p["cj_u"]  # (n, 3): brightness, contrast, saturation
     n = len(factors)
+    everyone, no_warp = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     stages = []
     for slot in range(3):
-        op = p["cj_order"][:, slot]
+        op = p["cj_order"][:, slot]  # which of the three runs in this slot, per image
         arg = factors.gather(1, op[:, None])[:, 0]
-        on, bilinear = (
-            torch.ones(n, dtype=torch.bool),
-            torch.zeros(n, dtype=torch.bool),
-        )  # no geometric op here
-        stages.append(Stage(COLOR_JITTER_OPS, op, on, arg, bilinear, AUTOAUGMENT_FILL))
+        stages.append(Stage(COLOR_JITTER_OPS, op, everyone, arg, no_warp, AUTOAUGMENT_FILL))
     return stages
+
+
+def _rand_arg(
+    name: str, rows: torch.Tensor, level: torch.Tensor, negate: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    transform = RAND_TRANSFORMS[list(RAND_OPS.values()).index(name)]
+    return randaugment_arg(transform, level[rows], negate[rows], *hw)
 
 
 def _randaugment_stages(ra: RandAugmentSpec, p: dict[str, torch.Tensor], hw: tuple[int, int]) -> list[Stage]:
@@ -133,39 +137,33 @@ def _randaugment_stages(ra: RandAugmentSpec, p: dict[str, torch.Tensor], hw: tup
     names = tuple(RAND_OPS[t] for t in RAND_TRANSFORMS)
     stages = []
     for layer in range(ra.n):
-        op, neg = p["ra_op"][:, layer], p["ra_neg"][:, layer]
-
-        def arg_of(
-            name: str, rows: torch.Tensor, layer: int = layer, neg: torch.Tensor = neg
-        ) -> torch.Tensor:
-            transform = RAND_TRANSFORMS[names.index(name)]
-            return randaugment_arg(transform, level[rows, layer], neg[rows], *hw)
-
+        op = p["ra_op"][:, layer]
+        arg_of = partial(_rand_arg, level=level[:, layer], negate=p["ra_neg"][:, layer], hw=hw)
         apply = p["ra_u"][:, layer] <= ra.p  # timm skips an op when random() > p
         stages.append(Stage(names, op, apply, _args(names, op, arg_of), p["ra_bicubic"][:, layer], RAND_FILL))
     return stages
 
 
+def _auto_arg(
+    name: str, rows: torch.Tensor, bins: torch.Tensor, negate: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    return autoaugment_arg(name, bins[rows], negate[rows], *hw)
+
+
 def _autoaugment_stages(recipe: Recipe, p: dict[str, torch.Tensor], hw: tuple[int, int]) -> list[Stage]:
     policy = AUTOAUGMENT_POLICIES[recipe.autoaugment]
     names = tuple(sorted({o.name for sub in policy for o in sub}))
-    sub_id = p["aa_policy"]
+    sub_id = p["aa_policy"]  # (n,)
+    cubic = torch.ones(len(sub_id), dtype=torch.bool)  # the official code's scipy spline is cubic (order 3)
     stages = []
     for slot in range(2):
         ops = [sub[slot] for sub in policy]
         op = torch.tensor([names.index(o.name) for o in ops])[sub_id]  # (n,)
         prob = torch.tensor([o.prob for o in ops], dtype=torch.float64)[sub_id]
         bins = torch.tensor([o.bin for o in ops])[sub_id]
-        neg = p["aa_neg"][:, slot]
-
-        def arg_of(
-            name: str, rows: torch.Tensor, bins: torch.Tensor = bins, neg: torch.Tensor = neg
-        ) -> torch.Tensor:
-            return autoaugment_arg(name, bins[rows], neg[rows], *hw)
-
-        apply = p["aa_u"][:, slot] < prob  # DeepVoltaire: random.random() < p
-        bicubic = torch.ones(len(op), dtype=torch.bool)  # cubic, like the official scipy spline (order 3)
-        stages.append(Stage(names, op, apply, _args(names, op, arg_of), bicubic, AUTOAUGMENT_FILL))
+        arg_of = partial(_auto_arg, bins=bins, negate=p["aa_neg"][:, slot], hw=hw)
+        apply = p["aa_u"][:, slot] < prob  # DeepVoltaire's SubPolicy: random.random() < p
+        stages.append(Stage(names, op, apply, _args(names, op, arg_of), cubic, AUTOAUGMENT_FILL))
     return stages
 
 

@@ -62,9 +62,8 @@ def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     k = x.shape[0]
     table = lut.expand(k, 3, 256).to(torch.uint8).reshape(-1)  # (k·3·256,)
     base = (torch.arange(k * 3, device=x.device) * 256).view(k, 1, 1, 3)
-    return table.take(
-        x.long().add_(base)
-    )  # one flat lookup per pixel and channel (in place: no broadcast copy)
+    # One flat lookup per pixel and channel; the in-place add avoids a broadcast copy.
+    return table.take(x.long().add_(base))
 
 
 def _levels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -75,30 +74,30 @@ def _levels(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
 # Histogram and lookup-table ops
 
 
-def _invert(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _invert(x: torch.Tensor, _arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     return 255 - x
 
 
-def _posterize(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _posterize(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     bits = arg.long().clamp(0, 8)
     mask = (255 - (2 ** (8 - bits) - 1)).to(torch.uint8)  # keep the top ``bits`` bits; 0 bits → black
     return x & _per_image(mask, x, torch.uint8)
 
 
-def _solarize(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _solarize(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     levels = _levels(x, torch.float64)
     thresh = arg.to(device=x.device, dtype=torch.float64).view(-1, 1, 1)  # float thresholds compare as in PIL
     return _lut(x, torch.where(levels < thresh, levels, 255 - levels))  # PIL: i < threshold ? i : 255 − i
 
 
-def _solarize_add(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _solarize_add(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     # timm's solarize_add: levels below 128 get + add (saturated at 255), the others stay.
     levels = _levels(x)
     add = arg.to(device=x.device).long().view(-1, 1, 1)
     return _lut(x, torch.where(levels < 128, (levels + add).clamp(max=255), levels))
 
 
-def _autocontrast(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _autocontrast(x: torch.Tensor, _arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     lo, hi = torch.aminmax(x.flatten(1, 2), dim=1)  # (k, 3) per channel
     lo, hi = lo.double()[..., None], hi.double()[..., None]  # (k, 3, 1)
     span = (hi - lo).clamp(min=1)
@@ -109,7 +108,7 @@ def _autocontrast(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fil
     return _lut(x, torch.where(hi > lo, lut, levels))  # a flat channel keeps the identity
 
 
-def _equalize(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _equalize(x: torch.Tensor, _arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     k, h, w, _ = x.shape
     base = (torch.arange(k * 3, device=x.device) * 256).view(k, 1, 1, 3)
     hist = torch.bincount(x.long().add_(base).view(-1), minlength=k * 3 * 256).view(k, 3, 256)
@@ -123,7 +122,7 @@ def _equalize(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: F
     return _lut(x, torch.where(keep, levels, lut))
 
 
-def _pil_posterize(img: Image.Image, arg: float, bicubic: bool, fill: Fill) -> Image.Image:  # noqa: ARG001
+def _pil_posterize(img: Image.Image, arg: float, _bicubic: bool, _fill: Fill) -> Image.Image:
     bits = int(arg)
     if bits >= 8:
         return img  # timm's posterize: identity at 8 bits
@@ -132,7 +131,7 @@ def _pil_posterize(img: Image.Image, arg: float, bicubic: bool, fill: Fill) -> I
     return ImageOps.posterize(img, bits)
 
 
-def _pil_solarize_add(img: Image.Image, arg: float, bicubic: bool, fill: Fill) -> Image.Image:  # noqa: ARG001
+def _pil_solarize_add(img: Image.Image, arg: float, _bicubic: bool, _fill: Fill) -> Image.Image:
     add = int(arg)
     lut = [min(255, i + add) if i < 128 else i for i in range(256)]
     return img.point(lut * 3)
@@ -193,21 +192,21 @@ def _blend_lut(x: torch.Tensor, centre: torch.Tensor, factor: torch.Tensor) -> t
     return _lut(x, _blend_f32(d, _levels(x, torch.float32).view(1, 1, 256), f).long())  # (k, 1, 256)
 
 
-def _brightness(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _brightness(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     return _blend_lut(x, torch.zeros(len(x), device=x.device), arg)  # PIL's degenerate image is black
 
 
-def _color(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _color(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     return blend(grey_levels(x)[..., None], x, arg)
 
 
-def _contrast(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _contrast(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     grey = grey_levels(x)
     mean = grey.sum(dim=(1, 2), dtype=torch.int64).double() / (grey.shape[1] * grey.shape[2])
     return _blend_lut(x, torch.floor(mean + 0.5), arg)  # ImageStat mean, int(mean + 0.5)
 
 
-def _sharpness(x: torch.Tensor, arg: torch.Tensor, bicubic: torch.Tensor, fill: Fill) -> torch.Tensor:  # noqa: ARG001
+def _sharpness(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     return blend(_smooth(x), x, arg)
 
 
