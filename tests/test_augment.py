@@ -369,3 +369,21 @@ def test_augment_benchmark_quick_smoke(tmp_path):
         assert "error" not in point
         assert set(point["variants"]) == {"pil", "batched"}
         assert [r["name"] for r in point["ratios"]] == ["batched speed-up over PIL"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", [CIFAR, IMAGENET])
+def test_cuda_recipe_equals_cpu_and_never_syncs(recipe):
+    """The float64 warps and float32 blends are single elementwise kernels, so CUDA should agree bit for bit."""
+    x = _images(n=64, h=32, w=32, seed=6)
+    params = draw_recipe(recipe, batch_generator(0, 0, 0), 64)
+    want = apply_recipe(x, recipe, params)
+    gpu = x.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # every choice of ops was made on the CPU: no device→host sync
+    try:
+        got = apply_recipe(gpu, recipe, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), want)

@@ -37,6 +37,7 @@ from dnet_fast.data.policies import (
     autoaugment_arg,
     randaugment_arg,
 )
+from dnet_fast.data.warp import to_device
 
 __all__ = [
     "Stage",
@@ -203,7 +204,7 @@ def _cutout(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Fills each image's box with its mean grey level; uint8 (B, H, W, 3) → same."""
     b, h, w, _ = x.shape
     dev = x.device
-    box = boxes.to(dev)
+    box = to_device(boxes, x)
     rows = torch.arange(h, device=dev)
     cols = torch.arange(w, device=dev)
     inside_r = (rows >= box[:, 0:1]) & (rows < box[:, 1:2])  # (B, H)
@@ -230,7 +231,7 @@ def apply_recipe(images: torch.Tensor, recipe: Recipe, params: dict[str, torch.T
             rows = torch.nonzero(stage.apply & (stage.op == k)).flatten()  # CPU
             if len(rows) == 0:
                 continue
-            idx = rows.to(x.device)
+            idx = to_device(rows, x)
             out = OPS.get(name).batched(
                 x.index_select(0, idx), stage.arg[rows], stage.bicubic[rows], stage.fill
             )

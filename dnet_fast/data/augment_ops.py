@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from dnet_fast.data.warp import affine_matrix, warp_affine
+from dnet_fast.data.warp import affine_matrix, to_device, warp_affine
 from dnet_fast.registry import Registry
 
 __all__ = [
@@ -54,7 +54,7 @@ def _register(name: str, batched: Batched, pil: Pil) -> None:
 
 def _per_image(arg: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(k,) CPU argument → (k, 1, 1, 1) on x's device, to broadcast over an image."""
-    return arg.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+    return to_device(arg, x, dtype).view(-1, 1, 1, 1)
 
 
 def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -86,14 +86,14 @@ def _posterize(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill
 
 def _solarize(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     levels = _levels(x, torch.float64)
-    thresh = arg.to(device=x.device, dtype=torch.float64).view(-1, 1, 1)  # float thresholds compare as in PIL
+    thresh = to_device(arg, x, torch.float64).view(-1, 1, 1)  # float thresholds compare as in PIL
     return _lut(x, torch.where(levels < thresh, levels, 255 - levels))  # PIL: i < threshold ? i : 255 − i
 
 
 def _solarize_add(x: torch.Tensor, arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     # timm's solarize_add: levels below 128 get + add (saturated at 255), the others stay.
     levels = _levels(x)
-    add = arg.to(device=x.device).long().view(-1, 1, 1)
+    add = to_device(arg, x, torch.int64).view(-1, 1, 1)
     return _lut(x, torch.where(levels < 128, (levels + add).clamp(max=255), levels))
 
 
@@ -111,7 +111,12 @@ def _autocontrast(x: torch.Tensor, _arg: torch.Tensor, _bicubic: torch.Tensor, _
 def _equalize(x: torch.Tensor, _arg: torch.Tensor, _bicubic: torch.Tensor, _fill: Fill) -> torch.Tensor:
     k, h, w, _ = x.shape
     base = (torch.arange(k * 3, device=x.device) * 256).view(k, 1, 1, 3)
-    hist = torch.bincount(x.long().add_(base).view(-1), minlength=k * 3 * 256).view(k, 3, 256)
+    idx = x.long().add_(base).view(-1)
+    # scatter_add_ into a fixed size, not bincount: CUDA's bincount reads the maximum back to size its output.
+    hist = torch.zeros(k * 3 * 256, dtype=torch.int64, device=x.device).scatter_add_(
+        0, idx, torch.ones_like(idx)
+    )
+    hist = hist.view(k, 3, 256)
     levels = _levels(x)
     present = hist > 0
     last = hist.gather(2, (levels * present).argmax(2, keepdim=True))  # count of the highest present level
@@ -187,8 +192,8 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 def _blend_lut(x: torch.Tensor, centre: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``blend`` with a per-image constant degenerate image, as a table: each level goes through the same
     float32 operations as in ``blend``, so the result is identical, at the cost of one lookup per value."""
-    d = centre.to(device=x.device, dtype=torch.float32).view(-1, 1, 1)  # (k, 1, 1)
-    f = factor.to(device=x.device, dtype=torch.float32).view(-1, 1, 1)
+    d = to_device(centre, x, torch.float32).view(-1, 1, 1)  # (k, 1, 1)
+    f = to_device(factor, x, torch.float32).view(-1, 1, 1)
     return _lut(x, _blend_f32(d, _levels(x, torch.float32).view(1, 1, 256), f).long())  # (k, 1, 256)
 
 

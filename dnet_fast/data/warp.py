@@ -15,7 +15,15 @@ import math
 
 import torch
 
-__all__ = ["affine_matrix", "warp_affine"]
+__all__ = ["affine_matrix", "to_device", "warp_affine"]
+
+
+def to_device(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small CPU tensor (per-image arguments, row indices) cast on the CPU, then sent to ``like``'s device.
+
+    ``non_blocking``: a blocking host→device copy waits for the stream, a sync point per op otherwise.
+    """
+    return t.to(dtype or t.dtype).to(like.device, non_blocking=True)
 
 
 def _rotate_matrix(degrees: float, width: int, height: int) -> list[float]:
@@ -109,7 +117,7 @@ def _sample(
     """Interpolated uint8 pixels (k, H, W, 3) and the (k, H, W, 1) mask of points inside the source."""
     k, h, w, _ = images.shape
     dev = images.device
-    a = [mats[:, i].to(dev).view(k, 1, 1) for i in range(6)]  # float64 (k, 1, 1) each
+    a = to_device(mats, images).view(k, 6, 1, 1).unbind(1)  # six float64 (k, 1, 1)
     xs = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5).view(1, 1, w)
     ys = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5).view(1, h, 1)
     u = a[0] * xs + a[1] * ys + a[2]  # (k, H, W): PIL's a0·x + a1·y + a2
@@ -150,12 +158,12 @@ def warp_affine(
         uint8 (k, H, W, 3).
     """
     out = torch.empty_like(images)
-    colour = torch.tensor(fill, dtype=torch.uint8, device=images.device)
+    colour = to_device(torch.tensor(fill, dtype=torch.uint8), images)
     # Group images by resampling and by exact axes (CPU tensors: no device sync): 8 kinds at most.
     kind = bicubic.long() * 4 + _integral_axes(mats).long() @ torch.tensor([2, 1])
     for key in torch.unique(kind).tolist():
         rows = torch.nonzero(kind == key).flatten()
-        idx = rows.to(images.device)
+        idx = to_device(rows, images)
         exact = (bool(key & 2), bool(key & 1))
         pixels, inside = _sample(images.index_select(0, idx), mats[rows], bool(key & 4), exact)
         out.index_copy_(0, idx, torch.where(inside, pixels, colour))
