@@ -2,11 +2,14 @@
 
 Every op exists twice under one name in ``OPS``: ``batched`` transforms a uint8 (k, H, W, 3) batch on any device,
 each image with its own argument; ``pil`` is the PIL call that defines the op (``ImageOps``, ``ImageEnhance``,
-``Image.transform`` / ``rotate``, as in timm and DeepVoltaire/AutoAugment). The batched versions reproduce PIL's
-integer arithmetic: LUT ops, autocontrast and equalize exactly; the enhance ops through PIL's float32 blend
-(``ImagingBlend``: truncation of in1 + α·(in2 − in1)) with PIL's degenerate images — grey
-L = (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16, mean ⌊mean(L) + ½⌋, SMOOTH = round(3×3 [1 1 1; 1 5 1; 1 1 1] / 13)
-inside a one-pixel border that keeps the input — exactly as well; geometric ops through ``warp.warp_affine``.
+``Image.transform`` / ``rotate``, as in timm and DeepVoltaire/AutoAugment). The batched versions redo PIL's
+arithmetic, so they return PIL's pixels exactly (tests/test_augment_ops.py):
+
+- Invert, Posterize, Solarize, SolarizeAdd, AutoContrast, Equalize build PIL's lookup tables;
+- Brightness, Color, Contrast, Sharpness use PIL's float32 blend (``ImagingBlend`` truncates in1 + α·(in2 − in1))
+  against PIL's degenerate images: black; grey L = (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16; the constant
+  ⌊mean(L) + ½⌋; SMOOTH = round(Σ [1 1 1; 1 5 1; 1 1 1]·p / 13) inside a one-pixel border that keeps the input;
+- ShearX/Y, TranslateX/Y, Rotate go through ``warp.warp_affine`` (PIL's bilinear / bicubic affine transform).
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ AutoAugment (Cubuk et al. 2019, "policy learned on reduced CIFAR-10"): one of 25
 its two ops applied with its probability at its magnitude bin 0..9; bins map onto the ranges of the paper's
 Appendix (as in DeepVoltaire/AutoAugment ``SubPolicy``): shear [0, 0.3], translate [0, 150/331]·size, rotate
 [0°, 30°] and enhance factors 1 ± [0, 0.9], each with a random sign; posterize 8 → 4 bits; solarize threshold
-256 → 0. The official Difficulty-Net ``auto_augment.py`` (4uiiurz1's port) instead maps bin m to a uniform draw in
-``linspace(lo, hi, 11)[m : m + 2]`` over the *signed* range (so bin 8 of shear is always positive and bin 5 is
-about zero) and resamples with scipy's cubic spline; dnet-fast keeps the paper's magnitudes and follows the
-official code where the brief says to: geometric ops fill with 0 (scipy's ``cval=0``) and interpolate cubically
-(PIL BICUBIC, PIL having no spline).
+256 → 0. The official Difficulty-Net ``CIFAR-LT/auto_augment.py`` (4uiiurz1's port) lists the same 25
+sub-policies (its "Invert, 0, 0.3" is the paper's never-applied "Invert, 0.0, 3") but maps bin m to a uniform draw
+in ``linspace(lo, hi, 11)[m : m + 2]`` over the *signed* range (bin 8 of shear is always positive, bin 5 about
+zero) and resamples with scipy's cubic spline. dnet-fast keeps the paper's magnitudes and takes the rest of the
+official geometry: geometric ops fill with 0 (scipy's ``cval=0``) and interpolate cubically (PIL BICUBIC; PIL has
+no spline).
 
 RandAugment (timm ``rand-n2-m10-mstd0.5``, the official ImageNet-LT transform): n ops drawn with replacement from
 timm's 15 ``_RAND_TRANSFORMS``, each applied with probability p = 0.5 at magnitude N(m, mstd) clipped to
