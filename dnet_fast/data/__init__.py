@@ -9,6 +9,7 @@ from dnet_fast.data.base import DATASETS, LOADERS, DataBundle, FileSplit, Loader
 from dnet_fast.data.groups import FEW_THRESHOLD, MANY_THRESHOLD, group_accuracies, group_sizes, shot_groups
 from dnet_fast.data.loaders import default_loader, eval_batches, make_loader
 from dnet_fast.data.metaset import MetaSet
+from dnet_fast.data.policies import Recipe
 
 __all__ = [
     "DATASETS",
@@ -20,6 +21,7 @@ __all__ = [
     "Loader",
     "LoaderSpec",
     "MetaSet",
+    "Recipe",
     "TensorSplit",
     "cifar_lt",
     "dali_loader",

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dnet_fast.data.policies import Recipe
 from dnet_fast.registry import Registry
 
 __all__ = [
@@ -177,6 +178,9 @@ class LoaderSpec:
             "cifar" when ``augment`` is "none".
         rank, world_size: data-parallel shard of the epoch order.
         num_epochs: total epochs (progressive sampling needs it).
+        recipe: stage-1 ops added after the crop and flip of a training batch (AutoAugment, RandAugment,
+            ColorJitter, Cutout; ``policies.Recipe``); the default adds none. Ignored with ``augment="none"``
+            and in eval mode.
     """
 
     batch_size: int
@@ -193,8 +197,12 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     num_epochs: int = 1
+    recipe: Recipe = Recipe()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recipe, Recipe):
+            msg = f"LoaderSpec.recipe must be a policies.Recipe, got {type(self.recipe).__name__}"
+            raise TypeError(msg)
         if self.batch_size < 1:
             msg = f"LoaderSpec.batch_size must be >= 1, got {self.batch_size}"
             raise ValueError(msg)
@@ -206,6 +214,13 @@ class LoaderSpec:
         if self.eval_augment not in ("cifar", "imagenet"):
             msg = f"LoaderSpec.eval_augment must be cifar | imagenet, got '{self.eval_augment}'"
             raise ValueError(msg)
+
+    @property
+    def train_recipe(self) -> Recipe | None:
+        """The recipe a training batch gets, or None (eval mode, no augmentation, or an inactive recipe)."""
+        if self.train and self.augment != "none" and self.recipe.active:
+            return self.recipe
+        return None
 
     @property
     def family(self) -> str:

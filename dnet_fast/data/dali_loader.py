@@ -28,6 +28,15 @@ def _mirror_normalize(images: Any, spec: LoaderSpec) -> Any:
     )
 
 
+def _recipe(images: Any, spec: LoaderSpec, hw: tuple[int, int]) -> Any:
+    """The spec's training recipe (``dali_recipe``) on uint8 HWC images of size ``hw``; as is without one."""
+    if spec.train_recipe is None:
+        return images
+    from dnet_fast.data.dali_recipe import apply_dali_recipe
+
+    return apply_dali_recipe(images, spec.train_recipe, hw)
+
+
 def _images(enc: Any, spec: LoaderSpec, gpu: bool, stored_hw: tuple[int, int]) -> Any:
     """The DALI graph from encoded bytes to float32 CHW (training) or uint8 HWC (eval) images."""
     from nvidia.dali import fn, types
@@ -41,7 +50,8 @@ def _images(enc: Any, spec: LoaderSpec, gpu: bool, stored_hw: tuple[int, int]) -
         images = fn.decoders.image_random_crop(
             enc, random_area=list(RRC_SCALE), random_aspect_ratio=list(RRC_RATIO), num_attempts=10, **dec
         )
-        return _mirror_normalize(fn.resize(images, size=[crop, crop]), spec)
+        images = _recipe(fn.resize(images, size=[crop, crop]), spec, (crop, crop))
+        return _mirror_normalize(images, spec)
     images = fn.decoders.image(enc, **dec)
     if augment == "cifar":
         # Zero-pad by CIFAR_PAD and crop back: a window of the stored size at a random offset in [-pad, pad].
@@ -49,7 +59,7 @@ def _images(enc: Any, spec: LoaderSpec, gpu: bool, stored_hw: tuple[int, int]) -
         images = fn.slice(
             images, anchor, list(stored_hw), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0
         )
-        return _mirror_normalize(images, spec)
+        return _mirror_normalize(_recipe(images, spec, stored_hw), spec)
     if spec.eval_augment == "imagenet":
         images = fn.resize(images, resize_shorter=eval_size(crop))
         return fn.crop(images, crop=[crop, crop])
@@ -60,7 +70,9 @@ class DaliLoader:
     """Batches decoded by DALI from ``split.tars``; images are fed by an external source in the engine's order.
 
     DALI's webdataset reader only shuffles within a buffer (NVIDIA/DALI #5429), so the training order and the
-    class-balanced orders come from ``sampling`` and the samples are read from the tars through their index.
+    class-balanced orders come from ``sampling`` and the samples are read from the tars through their index. A
+    training ``spec.recipe`` runs as DALI ops (``dali_recipe``: the same policies from DALI's auto_aug module,
+    with DALI's randomness and interpolation).
 
     Args:
         split: a ShardSplit of a converted directory.
@@ -68,26 +80,25 @@ class DaliLoader:
     """
 
     def __init__(self, split: ShardSplit, spec: LoaderSpec) -> None:
-        from nvidia.dali import Pipeline, fn, types
-
         if not isinstance(split, ShardSplit):
             msg = "the dali loader needs a split of a converted directory (data.dataset=shards)"
             raise ValueError(msg)
         self.split, self.spec = split, spec
         self.device = torch.device(spec.device)
-        gpu = self.device.type == "cuda" and torch.cuda.is_available()
-        # device_id=None is DALI's CPU-only mode; any GPU operator would then fail (PERFORMANCE §7).
-        device_id = (self.device.index or 0) if gpu else None
         self._order = np.zeros(0, np.int64)
         self._running = False
-        self.pipe = Pipeline(
-            batch_size=spec.batch_size,
-            num_threads=max(1, spec.workers),
-            device_id=device_id,
-            seed=spec.seed & 0x7FFFFFFF,
-            prefetch_queue_depth=2,
-        )
-        with self.pipe:
+        self.pipe = self._pipeline()
+        self.pipe.build()
+
+    def _pipeline(self) -> Any:
+        """The DALI pipeline; a training recipe needs conditionals, hence ``pipeline_def`` (AutoGraph)."""
+        from nvidia.dali import Pipeline, fn, pipeline_def, types
+
+        spec = self.spec
+        gpu = self.device.type == "cuda" and torch.cuda.is_available()
+        hw = self._stored_hw()
+
+        def graph() -> tuple[Any, Any]:
             enc, labels = fn.external_source(
                 source=self._source,
                 num_outputs=2,
@@ -95,8 +106,22 @@ class DaliLoader:
                 batch_info=True,
                 dtype=[types.UINT8, types.INT64],
             )
-            self.pipe.set_outputs(_images(enc, spec, gpu, self._stored_hw()), labels)
-        self.pipe.build()
+            return _images(enc, spec, gpu, hw), labels
+
+        # device_id=None is DALI's CPU-only mode; any GPU operator would then fail (PERFORMANCE §7).
+        options = {
+            "batch_size": spec.batch_size,
+            "num_threads": max(1, spec.workers),
+            "device_id": (self.device.index or 0) if gpu else None,
+            "seed": spec.seed & 0x7FFFFFFF,
+            "prefetch_queue_depth": 2,
+        }
+        if spec.train_recipe is not None:
+            return pipeline_def(enable_conditionals=True)(graph)(**options)
+        pipe = Pipeline(**options)
+        with pipe:
+            pipe.set_outputs(*graph())
+        return pipe
 
     def _stored_hw(self) -> tuple[int, int]:
         from PIL import Image

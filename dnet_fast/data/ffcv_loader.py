@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dnet_fast.data.augment import apply_recipe
 from dnet_fast.data.base import LOADERS, Batch, LoaderSpec
 from dnet_fast.data.loaders import epoch_indices, num_batches, require_module, to_device_batch
 from dnet_fast.data.shards import ShardSplit
-from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size
+from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, batch_generator, draw_params, eval_size
 
 __all__ = ["FfcvLoader", "build_ffcv"]
 
@@ -45,8 +46,9 @@ def _engine_order_class() -> type:
 def _normalizes_inside(spec: LoaderSpec, device: torch.device) -> bool:
     """Training batches on the CPU are normalised by FFCV's fused lookup-table op in its worker threads (a
     separate torch pass costs as much as decoding); eval batches use the shared torch ``normalize`` so that
-    they equal the other loaders' bit for bit; on CUDA uint8 is moved and normalised on the GPU."""
-    return spec.train and spec.augment != "none" and device.type == "cpu"
+    they equal the other loaders' bit for bit; on CUDA uint8 is moved and normalised on the GPU. A training
+    recipe needs the uint8 pixels, so it also normalises in torch after its ops."""
+    return spec.train and spec.augment != "none" and device.type == "cpu" and spec.train_recipe is None
 
 
 def _image_pipeline(spec: LoaderSpec, device: torch.device) -> list[Any]:
@@ -83,7 +85,9 @@ class FfcvLoader:
     """Batches decoded by FFCV from ``split.beton``, in the order of ``sampling.epoch_order``.
 
     Normalisation runs after the loader with the shared ``transforms.normalize`` (on ``spec.device``), so eval
-    outputs equal the other loaders' wherever the decoded pixels do.
+    outputs equal the other loaders' wherever the decoded pixels do. FFCV crops and flips (with its own
+    randomness); a training ``spec.recipe`` then runs as the batched tensor ops of ``augment`` on the device,
+    drawn from ``transforms.batch_generator`` for (seed, epoch, batch) like the resident loader's.
 
     Args:
         split: a ShardSplit of a directory converted with FFCV output.
@@ -129,9 +133,19 @@ class FfcvLoader:
         """Batches of ``epoch`` from batch index ``start`` on; see ``Loader``."""
         self._start = start
         self._loader.next_epoch = epoch  # FFCV passes this to sample_order
-        for images, labels in self._loader:
+        for b, (images, labels) in enumerate(self._loader, start):
             # Batches normalised inside FFCV are its ring buffers: valid until it has produced two more batches.
-            yield to_device_batch(images, labels, self.spec)  # x: (B, 3, h, w) float32
+            x = self._augment(images, epoch, b)
+            yield to_device_batch(x, labels, self.spec)  # x: (B, 3, h, w) float32
+
+    def _augment(self, images: torch.Tensor, epoch: int, b: int) -> torch.Tensor:
+        """The training recipe on a decoded uint8 (B, h, w, 3) batch, on ``spec.device`` (copies the ring buffer)."""
+        spec, recipe = self.spec, self.spec.train_recipe
+        if recipe is None:
+            return images
+        gen = batch_generator(spec.seed, epoch, b, stream=spec.rank)
+        params = draw_params(spec.augment, gen, len(images), recipe)  # the crop keys go unused: FFCV cropped
+        return apply_recipe(images.to(self.device, non_blocking=True), recipe, params)
 
 
 @LOADERS.register("ffcv")

@@ -148,10 +148,11 @@ class ResidentLoader:
         spec = self.spec
         if not spec.train or spec.augment == "none":
             return eval_transform(pixels, spec.eval_augment, spec.crop_size, spec.mean, spec.std)
-        params = draw_params(
-            spec.augment, batch_generator(spec.seed, epoch, b, stream=spec.rank), len(pixels)
+        gen = batch_generator(spec.seed, epoch, b, stream=spec.rank)
+        params = draw_params(spec.augment, gen, len(pixels), spec.train_recipe)
+        return train_transform(
+            pixels, spec.augment, params, spec.crop_size, spec.mean, spec.std, spec.train_recipe
         )
-        return train_transform(pixels, spec.augment, params, spec.crop_size, spec.mean, spec.std)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,14 +179,16 @@ class ImageDataset(Dataset):
         if not spec.train or spec.augment == "none":
             pixels = pil_eval(img, spec.eval_augment, spec.crop_size)
         else:
-            pixels = pil_train(img, spec.augment, self._params(epoch, b), row, spec.crop_size)
+            params = self._params(epoch, b)
+            pixels = pil_train(img, spec.augment, params, row, spec.crop_size, spec.train_recipe)
         return pixels, int(self.split.labels[i])
 
     def _params(self, epoch: int, b: int) -> dict[str, torch.Tensor]:
         # Consecutive keys share a batch: draw its parameters once per batch per worker.
         if self._cached is None or self._cached[0] != (epoch, b):
             gen = batch_generator(self.spec.seed, epoch, b, stream=self.spec.rank)
-            self._cached = ((epoch, b), draw_params(self.spec.augment, gen, self.spec.batch_size))
+            params = draw_params(self.spec.augment, gen, self.spec.batch_size, self.spec.train_recipe)
+            self._cached = ((epoch, b), params)
         return self._cached[1]
 
 

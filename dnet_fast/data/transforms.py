@@ -3,7 +3,9 @@
 Both paths draw their random numbers from the same seeded ``torch.Generator`` for (seed, epoch, batch) through
 :func:`draw_params`, so a batch is a pure function of those three numbers. The CIFAR-style transform is bit-identical
 between the two paths; the ImageNet-style one uses the same crop boxes and flips but resamples differently
-(``grid_sample`` bilinear versus PIL's antialiased bilinear).
+(``grid_sample`` bilinear versus PIL's antialiased bilinear). A ``policies.Recipe`` adds the stage-1 ops
+(AutoAugment, RandAugment, ColorJitter, Cutout; ``augment``) after the crop and flip, on uint8 pixels; they are
+PIL-exact, so a CIFAR recipe keeps the two paths bit-identical.
 
 ImageNet-style eval is "resize the shorter side to R = round(256·crop/224), centre-crop R×R, centre-crop crop×crop"
 (the two centre crops equal torchvision's one crop up to a one-pixel rounding difference); the resident loader stores
@@ -18,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from dnet_fast.data.augment import apply_recipe, draw_recipe, pil_recipe
+from dnet_fast.data.policies import Recipe
 
 __all__ = [
     "CIFAR_PAD",
@@ -62,12 +67,22 @@ def center_crop_offset(size: int, crop: int) -> int:
     return int(round((size - crop) / 2.0))
 
 
-def draw_params(family: str, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+def draw_params(
+    family: str, gen: torch.Generator, n: int, recipe: Recipe | None = None
+) -> dict[str, torch.Tensor]:
     """The random numbers of one batch of ``n`` images (CPU tensors), in a fixed draw order.
 
     CIFAR: ``top``, ``left`` int64 in [0, 2·pad] and ``flip`` bool. ImageNet: the uniforms of the crop-box search
-    (``area`` and ``logr`` (n, 10), ``ti``/``tj`` (n,)) and ``flip``. "none": nothing.
+    (``area`` and ``logr`` (n, 10), ``ti``/``tj`` (n,)) and ``flip``. "none": nothing. An active ``recipe`` adds
+    its draws (``augment.draw_recipe``) after these, so the crop and flip numbers do not depend on it.
     """
+    params = _draw_crop_flip(family, gen, n)
+    if recipe is not None and family != "none":
+        params |= draw_recipe(recipe, gen, n)
+    return params
+
+
+def _draw_crop_flip(family: str, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
     if family == "cifar":
         top = torch.randint(0, 2 * CIFAR_PAD + 1, (n,), generator=gen)
         left = torch.randint(0, 2 * CIFAR_PAD + 1, (n,), generator=gen)
@@ -222,13 +237,24 @@ def train_transform(
     crop_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    recipe: Recipe | None = None,
 ) -> torch.Tensor:
-    """Random augmentation of a uint8 (B, H, W, 3) batch → float32 (B, 3, h, w); "none" is the CIFAR eval."""
+    """Random augmentation of a uint8 (B, H, W, 3) batch → float32 (B, 3, h, w); "none" is the CIFAR eval.
+
+    An active ``recipe`` runs on the uint8 crop (the ImageNet crop is rounded to uint8 first, as PIL's is) with
+    the ``params`` of ``draw_params(..., recipe)``.
+    """
     if family == "cifar":
-        return normalize(cifar_crop_flip(images, params), mean, std)
-    if family == "imagenet":
-        return normalize(random_resized_crop(images, params, crop_size), mean, std)
-    return eval_transform(images, "cifar", crop_size, mean, std)
+        crop = cifar_crop_flip(images, params)  # (B, H, W, 3) uint8
+    elif family == "imagenet":
+        crop = random_resized_crop(images, params, crop_size)  # (B, crop, crop, 3) float32 in 0..255
+    else:
+        return eval_transform(images, "cifar", crop_size, mean, std)
+    if recipe is not None and recipe.active:
+        if crop.dtype != torch.uint8:
+            crop = crop.round().clamp(0, 255).to(torch.uint8)
+        crop = apply_recipe(crop, recipe, params)
+    return normalize(crop, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,9 +293,17 @@ def pil_eval(img: Image.Image, family: str, crop_size: int) -> torch.Tensor:
 
 
 def pil_train(
-    img: Image.Image, family: str, params: dict[str, torch.Tensor], row: int, crop_size: int
+    img: Image.Image,
+    family: str,
+    params: dict[str, torch.Tensor],
+    row: int,
+    crop_size: int,
+    recipe: Recipe | None = None,
 ) -> torch.Tensor:
-    """Augmentation of one image with row ``row`` of a batch's ``draw_params`` → uint8 (h, w, 3)."""
+    """Augmentation of one image with row ``row`` of a batch's ``draw_params`` → uint8 (h, w, 3).
+
+    An active ``recipe`` runs with PIL after the crop and flip (``augment.pil_recipe``).
+    """
     if family == "cifar":
         w, h = img.size
         canvas = Image.new("RGB", (w + 2 * CIFAR_PAD, h + 2 * CIFAR_PAD))  # black = zero padding
@@ -286,4 +320,6 @@ def pil_train(
         return pil_eval(img, "cifar", crop_size)
     if bool(params["flip"][row]):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if recipe is not None:
+        img = pil_recipe(img, recipe, params, row)
     return pil_to_tensor(img)
