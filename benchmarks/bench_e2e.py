@@ -28,6 +28,8 @@ from benchmarks.loopstats import GpuUtilSampler, TimedLoop
 __all__ = ["CPU_POINTS", "GPU_POINTS", "QUICK_POINTS", "E2EBenchmark"]
 
 SEED = 0
+#: The official recipes of each family (SPEC §6.1, §6.3); both loops run the same ops (the fast one batched).
+RECIPES = {"cifar": {"autoaugment": "cifar10", "cutout": 16}, "imagenet": {"color_jitter": 0.4}}
 _CIFAR = {
     "family": "cifar", "model": "resnet32", "width": 16, "classes": 100, "image": 32, "crop": 32,
     "max_count": 500, "imbalance": 100.0, "meta_per_class": 25, "batch": 128, "meta_batch": 100,
@@ -91,9 +93,11 @@ class E2EBenchmark(Benchmark):
     Variants: ``official`` (the released code's iteration of the point's tree, ``benchmarks/official.py``: CIFAR's
     fresh model copy with a second-order virtual step, or ImageNet/Places' persistent pseudo model; its shuffled
     meta loader over the val set, its host syncs and input copies; fed by a DataLoader that PIL-decodes JPEG files
-    and transforms each image in worker processes; fp32 as released), ``official_bf16`` (the same under bf16 autocast; GPU bf16 points) and the fast
-    path ``off`` / ``driver`` / ``exact`` (resident uint8 loader with batched augmentation, device meta set, C++
-    meta sampler, ``TrainStep``: CUDA graph on GPU, eager on CPU).
+    and transforms each image in worker processes with the official recipe (``RECIPES``: AutoAugment + Cutout for
+    CIFAR, ColorJitter for Places; reflect padding as the code has it); fp32 as released), ``official_bf16``
+    (the same under bf16 autocast; GPU bf16 points) and the fast path ``off`` / ``driver`` / ``exact`` (resident
+    uint8 loader with the same recipe batched, device meta set, C++ meta sampler, ``TrainStep``: CUDA graph on
+    GPU, eager on CPU).
     """
 
     name = "e2e"
@@ -225,8 +229,14 @@ class E2EBenchmark(Benchmark):
 
         p = self.params
         return LoaderSpec.for_bundle(
-            self.bundle, p["batch"], device=self.device, seed=SEED, workers=_workers(p), crop_size=p["crop"]
+            self.bundle, p["batch"], device=self.device, seed=SEED, workers=_workers(p), crop_size=p["crop"],
+            recipe=self._recipe(),
         )
+
+    def _recipe(self) -> Any:
+        from dnet_fast.data import Recipe
+
+        return Recipe(**RECIPES[self.params["family"]])
 
     def teardown(self) -> None:
         """Closes every live variant and deletes the JPEG files."""
@@ -305,7 +315,7 @@ class E2EBenchmark(Benchmark):
             self.acc, self.metaset.images.cpu(), self.metaset.labels.cpu(), meta_batch=p["meta_batch"], seed=SEED,
         )
         ds = OfficialStyleDataset(self.files.train, p["family"], train=True, crop=p["crop"],
-                                  mean=self.bundle.mean, std=self.bundle.std)
+                                  mean=self.bundle.mean, std=self.bundle.std, recipe=self._recipe())
         loader = official_train_loader(ds, p["batch"], _workers(p), cuda=self.cuda, samples=p["batch"] * 10**6)
         t0 = time.perf_counter()
         it = iter(loader)

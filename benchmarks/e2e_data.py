@@ -18,7 +18,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from dnet_fast.data.augment import draw_recipe, pil_recipe
 from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD, DataBundle, FileSplit, TensorSplit
+from dnet_fast.data.policies import Recipe
 from dnet_fast.data.transforms import RRC_RATIO, RRC_SCALE, pil_eval
 
 __all__ = [
@@ -203,11 +205,15 @@ def _rrc_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int
 
 
 class OfficialStyleDataset(Dataset):
-    """One item = PIL decode of the file, PIL augmentation, then ToTensor + Normalize on that image (float32).
+    """One item = PIL decode of the file, the released code's PIL augmentation, then ToTensor + Normalize (float32).
 
-    Training: CIFAR family = 4-px zero pad + random 32 crop + flip; ImageNet family = RandomResizedCrop(crop) +
-    flip. Eval: CIFAR = none; ImageNet = resize 256 + centre crop 224 (``pil_eval``). Randomness from Python's
-    ``random``, which the DataLoader reseeds in every worker (as torchvision transforms draw per image).
+    Training, as the official transforms run (SPEC §6.1, §6.2, §13 #6, #8): CIFAR family = 4-px reflect pad, then
+    ``RandomCrop(32, padding=4)`` (a second, zero pad), flip, and the ``recipe`` (AutoAugment CIFAR-10, Cutout);
+    ImageNet family = 4-px reflect pad, RandomResizedCrop(crop), flip, and the ``recipe`` (ColorJitter,
+    RandAugment). Every op runs per image in PIL (``dnet_fast.data.augment.pil_recipe``, the same operations the
+    fast loader batches). Eval: CIFAR = none; ImageNet = resize 256 + centre crop 224 (``pil_eval``). Randomness
+    from Python's ``random``, which the DataLoader reseeds in every worker (as torchvision transforms draw per
+    image).
 
     Args:
         split: the image files.
@@ -215,12 +221,15 @@ class OfficialStyleDataset(Dataset):
         train: training augmentation, else the eval transform.
         crop: output side (ImageNet family).
         mean, std: per-channel normalisation.
+        recipe: the ops after crop and flip (default none).
     """
 
     def __init__(
-        self, split: FileSplit, family: str, *, train: bool, crop: int, mean: tuple, std: tuple
+        self, split: FileSplit, family: str, *, train: bool, crop: int, mean: tuple, std: tuple,
+        recipe: Recipe | None = None,
     ) -> None:
         self.split, self.family, self.train, self.crop = split, family, train, crop
+        self.recipe = recipe if recipe is not None else Recipe()
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -228,16 +237,22 @@ class OfficialStyleDataset(Dataset):
         return len(self.split)
 
     def _augment(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        img = Image.fromarray(np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)), mode="reflect"))  # SPEC §13 #6, #8
         if self.family == "cifar":
-            w, h = img.size
-            canvas = Image.new("RGB", (w + 8, h + 8))
+            canvas = Image.new("RGB", (w + 16, h + 16))  # RandomCrop(32, padding=4) on the reflect-padded image
             canvas.paste(img, (4, 4))
-            left, top = random.randint(0, 8), random.randint(0, 8)
+            left, top = random.randint(0, 16), random.randint(0, 16)
             img = canvas.crop((left, top, left + w, top + h))
         else:
-            left, top, w, h = _rrc_box(img.width, img.height, random)  # type: ignore[arg-type]
-            img = img.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < 0.5 else img
+            left, top, bw, bh = _rrc_box(img.width, img.height, random)  # type: ignore[arg-type]
+            img = img.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=(left, top, left + bw, top + bh))
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.recipe.active:
+            params = draw_recipe(self.recipe, torch.Generator().manual_seed(random.getrandbits(62)), 1)
+            img = pil_recipe(img, self.recipe, params, 0)
+        return img
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         with Image.open(self.split.path(i)) as f:

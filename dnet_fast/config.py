@@ -81,7 +81,11 @@ class DataConfig:
     meta_per_class: int = 10  # meta/val images per class drawn from the val split file (splits dataset)
     loader: str = "auto"  # train loader registry name: auto | resident | naive | ffcv | dali
     workers: int = 2  # loader worker processes/threads
-    augment: str = "auto"  # train augmentation: auto | cifar | imagenet | none
+    augment: str = "auto"  # train augmentation family: auto | cifar | imagenet | none (crop and flip)
+    autoaugment: str = ""  # AutoAugment policy after crop/flip: "" | cifar10 (SPEC §6.1)
+    randaugment: str = ""  # timm RandAugment spec, e.g. rand-n2-m10-mstd0.5 ("" = off; SPEC §6.2)
+    color_jitter: float = 0.0  # ColorJitter brightness = contrast = saturation strength (0.4 in SPEC §6.2/6.3)
+    cutout: int = 0  # Cutout square side in px after the other ops (16 in SPEC §6.1; 0 = off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,8 @@ def _check_data(c: TrainConfig) -> None:
     _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     _choice(d.cifar_variant, "data.cifar_variant", CIFAR_VARIANTS)
     _choice(d.augment, "data.augment", ["auto", *AUGMENT_FAMILIES])
+    _require(d.color_jitter >= 0, "data.color_jitter", f"must be >= 0, got {d.color_jitter}")
+    _require(d.cutout >= 0, "data.cutout", f"must be >= 0, got {d.cutout}")
 
 
 def _check_optim(c: TrainConfig) -> None:

@@ -20,7 +20,7 @@ from dnet_fast.checkpoint import (
     set_rng_state,
 )
 from dnet_fast.config import TrainConfig, config_to_dict
-from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, make_loader
+from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, Recipe, make_loader
 from dnet_fast.evaluation import class_accuracy, evaluate, evaluate_from_accuracy, resolve_device
 from dnet_fast.history import HistoryWriter
 from dnet_fast.plugins import check_names
@@ -30,7 +30,7 @@ from dnet_fast.runlog import RunLog, epoch_line, progress
 from dnet_fast.schedule import apply_lr, lr_factor
 from dnet_fast.stack import TrainingStack, build_stack
 
-__all__ = ["Session", "TrainingDiverged", "build_session", "fit", "resolve_run_dir"]
+__all__ = ["Session", "TrainingDiverged", "build_session", "fit", "recipe_of", "resolve_run_dir"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,12 +66,20 @@ class Session:
         return self.stack.device
 
 
+def recipe_of(cfg: TrainConfig) -> Recipe:
+    """The stage-1 augmentation recipe the ``data`` section asks for (validated: a bad RandAugment spec raises
+    ValueError naming the part)."""
+    d = cfg.data
+    return Recipe(autoaugment=d.autoaugment, randaugment=d.randaugment, color_jitter=d.color_jitter,
+                  cutout=d.cutout)
+
+
 def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
     overrides = {} if cfg.data.augment == "auto" else {"augment": cfg.data.augment}
     return LoaderSpec.for_bundle(
         bundle, cfg.optim.batch_size if train else cfg.run.eval_batch, device=device, seed=cfg.run.seed,
         workers=cfg.data.workers, crop_size=cfg.data.crop_size, train=train, num_epochs=cfg.optim.epochs,
-        **overrides,
+        recipe=recipe_of(cfg), **overrides,
     )
 
 

@@ -161,3 +161,13 @@ def test_warnings_reach_the_user(tiny_overrides, tmp_path):
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "run.compile ignored for meta.mode=exact" in done.stderr
+
+
+def test_the_augmentation_recipe_reaches_the_loader_and_a_bad_spec_writes_nothing(tiny_overrides, tmp_path,
+                                                                                  capsys):
+    cfg = load_config(None, [*tiny_overrides, "data.autoaugment=cifar10", "data.cutout=4"])
+    spec = engine.build_session(cfg).loader.spec
+    assert (spec.recipe.autoaugment, spec.recipe.cutout) == ("cifar10", 4)
+    assert main(["train", *tiny_overrides, "data.randaugment=rand-n2-m10-inc1"]) == 2
+    assert "inc1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
