@@ -14,11 +14,12 @@ field          shape       meaning (unit)
 ``acc``        (C,)        A_C fed to Difficulty-Net / the loss: per-class val accuracy, fraction in [0, 1]
                            (zeros at step 0 with ``diffnet.init_acc = zeros``)
 ``difficulty`` (C,) | null d = D(A_C; θ): Difficulty-Net's sigmoid outputs in (0, 1) before normalisation, with θ
-                           as of ``step``; null for modes without Difficulty-Net (off, mwn)
+                           as of ``step``; null without a class-level net (off, mwn, exact_sample)
 ``weights``    (C,) | null the per-class factor multiplying each sample's loss from ``step`` on: Difficulty-Net's
                            w = C·d/Σd times the loss's own class weights (CDB-CE, class-balanced, LDAM-DRW),
                            either one alone where the other does not exist, all ones only when training is
-                           really unweighted; null when weights are per sample (mwn with an unweighted loss)
+                           really unweighted; null when weights are per sample (mwn, exact_sample with an
+                           unweighted loss)
 ``train_acc``  (C,) | null per-class top-1 on the (augmented, train-mode) training batches since the previous
                            refresh, fraction; null in the first row
 ``val_acc``    (C,) | null per-class val accuracy measured at this refresh (equals ``acc`` when A_C is that

@@ -119,6 +119,19 @@ def read_metrics(run: str | Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+#: Method names of the meta modes in labels (a mode missing here is labelled by its registry name).
+_METHODS = {
+    "exact": "Difficulty-Net (exact)",
+    "driver": "Difficulty-Net (driver)",
+    "frozen": "Difficulty-Net (frozen)",
+    "exact_absolute": "Difficulty-Net (exact, absolute)",
+    "exact_sample": "Difficulty-Net (exact, sample-level)",
+    "mwn": "MWN",
+    "off": "",
+}
+_WITH_LAMBDA = ("exact", "driver", "exact_absolute", "exact_sample")  # the modes with a driver loss
+
+
 def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
     """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``balanced_softmax``.
 
@@ -129,11 +142,10 @@ def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
     """
     cfg = results["config"]
     mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
-    method = {"exact": "Difficulty-Net (exact)", "driver": "Difficulty-Net (driver)", "mwn": "MWN",
-              "off": ""}[mode]
+    method = _METHODS.get(mode, mode)
     loss_name = {"ce": "CE"}.get(loss, loss)
     label = f"{method} + {loss_name}" if method else loss_name
-    if with_lambda and mode in ("exact", "driver") and "lambda_dr" in cfg["meta"]:
+    if with_lambda and mode in _WITH_LAMBDA and "lambda_dr" in cfg["meta"]:
         label += f", λ = {cfg['meta']['lambda_dr']:g}"
     return label
 

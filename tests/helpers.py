@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dnet_fast.config import DiffNetConfig, MetaConfig, TrainConfig
+from dnet_fast.config import DiffNetConfig, MetaConfig, OptimConfig, TrainConfig
 
 __all__ = [
     "ACC",
@@ -39,8 +39,10 @@ class TinyNet(nn.Module):
 
 
 def meta_config(mode: str, grad: str = "jvp", **diffnet: object) -> TrainConfig:
-    """The tests' config: an 8-unit Difficulty-Net (``diffnet`` overrides its fields), λ = LAMBDA, a 6-unit MWN."""
+    """The tests' config: an 8-unit Difficulty-Net (``diffnet`` overrides its fields), λ = LAMBDA, a 6-unit
+    MWN; batches of B (the width of the sample-level net)."""
     return TrainConfig(
+        optim=OptimConfig(batch_size=B),
         diffnet=DiffNetConfig(hidden=8, bias=True, lr=1e-2, **diffnet),
         meta=MetaConfig(mode=mode, grad=grad, lambda_dr=LAMBDA, meta_batch=M, mwn_hidden=6, mwn_lr=0.1),
     )

@@ -19,6 +19,25 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert "extension   built and importable" in out
     assert "places_lt_r152" in out
+    for row in ("1_focal", "4_cdb_ce_mwn", "5_no_dr_no_ml", "8_sample", "9_ours"):  # Table 4
+        assert f"cifar100_lt_r32_ir100_t4_{row}" in out
+
+
+@pytest.mark.parametrize(
+    ("mode", "label"),
+    [
+        ("frozen", "Difficulty-Net (frozen) + CE"),
+        ("exact_absolute", "Difficulty-Net (exact, absolute) + CE"),
+        ("exact_sample", "Difficulty-Net (exact, sample-level) + CE"),
+    ],
+)
+def test_table4_modes_train_end_to_end(tiny_overrides, tmp_path, capsys, mode, label):
+    """One epoch of each ablation mode through the engine: loaders, A_C, history, checkpoint, label."""
+    assert main(["train", "--meta", mode, *tiny_overrides, "optim.epochs=1", "run.tensorboard=false"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["test"]["top1"] <= 1.0
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert label in capsys.readouterr().out
 
 
 def test_console_script_is_installed():

@@ -30,12 +30,18 @@ from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_con
 MOMENTUM, WD, LRS = 0.9, 5e-4, (0.5, 0.3)  # main SGD: backbone lr, head lr
 MODES = [
     ("off", "jvp"),
+    ("frozen", "jvp"),
     ("driver", "jvp"),
     ("exact", "jvp"),
     ("exact", "double_backward"),
+    ("exact_absolute", "jvp"),
+    ("exact_absolute", "double_backward"),
+    ("exact_sample", "jvp"),
+    ("exact_sample", "double_backward"),
     ("mwn", "jvp"),
     ("mwn", "double_backward"),
 ]
+CLASS_NET_MODES = ("frozen", "driver", "exact", "exact_absolute")  # modes with a class-level Difficulty-Net
 
 
 def make(
@@ -67,7 +73,7 @@ def driver_grad(diffnet: nn.Module) -> Tensor:
 
 
 def assert_same_state(a: MetaMode, b: MetaMode, **tol) -> None:
-    """Model parameters and buffers, momentum buffers and Difficulty-Net parameters agree."""
+    """Model parameters and buffers, momentum buffers and the auxiliary nets' parameters agree."""
     tol = tol or {"rtol": 0, "atol": 0}
     for (name, ta), tb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         torch.testing.assert_close(ta, tb, msg=name, **tol)
@@ -75,9 +81,9 @@ def assert_same_state(a: MetaMode, b: MetaMode, **tol) -> None:
         torch.testing.assert_close(
             a.optimizer.state[pa]["momentum_buffer"], b.optimizer.state[pb]["momentum_buffer"], **tol
         )
-    if a.diffnet is not None:
-        for ta, tb in zip(a.diffnet.parameters(), b.diffnet.parameters(), strict=True):
-            torch.testing.assert_close(ta, tb, **tol)
+    for name, net in a.owned().modules.items():
+        for ta, tb in zip(net.parameters(), b.owned().modules[name].parameters(), strict=True):
+            torch.testing.assert_close(ta, tb, msg=name, **tol)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,17 +91,21 @@ def assert_same_state(a: MetaMode, b: MetaMode, **tol) -> None:
 
 
 def test_registry_names_and_builder():
-    assert META_MODES.names() == ["driver", "exact", "mwn", "off"]
+    assert META_MODES.names() == ["driver", "exact", "exact_absolute", "exact_sample", "frozen", "mwn", "off"]
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for name in META_MODES.names():
         cfg = TrainConfig(meta=MetaConfig(mode=name), diffnet=DiffNetConfig(hidden=8))
         meta = build_meta_mode(cfg, model, CrossEntropy(), optimizer, C)
-        assert meta.needs_meta_batch == (name in ("exact", "mwn"))
-        assert (meta.diffnet is not None) == (name in ("driver", "exact"))
+        assert meta.needs_meta_batch == (name in ("exact", "exact_absolute", "exact_sample", "mwn"))
+        assert (meta.diffnet is not None) == (name in CLASS_NET_MODES)
         if meta.diffnet is not None:
             assert isinstance(meta.diffnet, DifficultyNet)
+            assert meta.diffnet.num_classes == (1 if name == "exact_absolute" else C)  # the input width
             assert all(p.dtype == torch.float32 for p in meta.diffnet.parameters())
+        if name == "exact_sample":
+            assert isinstance(meta.sample_net, DifficultyNet)
+            assert meta.sample_net.num_classes == cfg.optim.batch_size
         if name == "mwn":
             assert isinstance(meta.vnet, MetaWeightNet)
 
@@ -159,7 +169,7 @@ def test_weighted_mean_needs_matching_vectors():
         weighted_mean(losses, w[:, None])
 
 
-@pytest.mark.parametrize("mode", ["driver", "exact"])
+@pytest.mark.parametrize("mode", CLASS_NET_MODES)
 def test_class_weights_sum_to_c_and_match_the_net(mode):
     meta = make(mode)
     meta.step(*batch(0))
@@ -190,6 +200,13 @@ def test_driver_loss_formula():
         ((0.5 - 0.2) ** 2 + (0.7 - 0.5) ** 2 + (0.8 - 0.9) ** 2) / 3
     )
     torch.testing.assert_close(driver_loss(d, torch.zeros(3, dtype=torch.float64)), ((1 - d) ** 2).mean())
+    # Σa = 1 above, where both targets coincide. Doubling A leaves the relative target 1 − a/Σa as it was and
+    # moves the absolute one, 1 − a, to (0, 0.4, 0.6).
+    acc2 = 2 * acc
+    assert driver_loss(d, acc2).item() == pytest.approx(driver_loss(d, acc).item())
+    assert driver_loss(d, acc2, relative=False).item() == pytest.approx(
+        ((0.0 - 0.2) ** 2 + (0.4 - 0.5) ** 2 + (0.6 - 0.9) ** 2) / 3
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,6 +267,93 @@ def test_detached_weights_send_no_meta_gradient_to_theta():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The Table 4 ablation modes and the MWN baseline's optimiser
+
+
+def test_absolute_net_reads_each_class_alone():
+    absolute, relative = make("exact_absolute").diffnet, make("exact").diffnet
+    with torch.no_grad():
+        d = absolute(ACC)  # (C,)
+        alone = torch.cat([absolute(ACC[c : c + 1]) for c in range(C)])
+        moved = ACC.clone()
+        moved[1:] = 0.5  # every other class changes
+        torch.testing.assert_close(d, alone, rtol=0, atol=0)
+        assert absolute(moved)[0] == d[0]
+        assert relative(moved)[0] != relative(ACC)[0]  # the relative net does see the other classes
+
+
+def test_bias_free_absolute_net_is_a_one_parameter_sigmoid():
+    """Why the absolute presets set diffnet.bias = true: without biases D^abs(a) = σ(κ·a) for a ≥ 0."""
+    torch.manual_seed(3)
+    net = DifficultyNet(1, 8, bias=False).double()
+    with torch.no_grad():
+        kappa = net.fc3.weight @ torch.relu(net.fc2.weight @ torch.relu(net.fc1.weight))  # (1, 1)
+        a = torch.linspace(0, 1, 11, dtype=torch.float64)
+        torch.testing.assert_close(net(a), torch.sigmoid(kappa.reshape(()) * a), rtol=1e-12, atol=0)
+        biased = DifficultyNet(1, 8, bias=True).double()
+        assert not torch.allclose(biased(a), torch.sigmoid(a * torch.logit(biased(a)[-1])), atol=1e-3)
+
+
+def test_frozen_mode_keeps_the_initial_difficulty_net():
+    meta = make("frozen")
+    theta0 = [p.detach().clone() for p in meta.diffnet.parameters()]
+    assert not meta.needs_meta_batch
+    assert set(meta.owned().optimizers) == {"optimizer"}  # nothing to step for θ
+    for step in range(3):
+        x, y, _ = batch(step)
+        out = meta.step(x, y)
+        if step == 1:
+            meta.set_class_accuracy(ACC.flip(0))
+    for p, p0 in zip(meta.diffnet.parameters(), theta0, strict=True):
+        assert torch.equal(p, p0)
+    with torch.no_grad():
+        d = meta.diffnet(ACC.flip(0))
+    torch.testing.assert_close(meta.class_weights(), C * d / d.sum(), rtol=1e-14, atol=0)
+    assert out["weight_max"] > out["weight_min"]  # an untrained D still weighs the classes unequally
+
+
+def test_sample_mode_driver_loss_and_weights_by_hand():
+    meta = make("exact_sample")
+    net0, model0 = copy.deepcopy(meta.sample_net), copy.deepcopy(meta.model)
+    x, y, meta_batch = batch(0)
+    with torch.no_grad():
+        ell = F.cross_entropy(model0(x), y, reduction="none")  # (B,) train-mode forward at φ_t
+        d = net0(ell)  # (B,)
+        p = torch.exp(-ell)
+        expected = ((1.0 - p / p.sum() - d) ** 2).mean()
+    out = meta.step(x, y, meta_batch)
+    torch.testing.assert_close(out["driver_loss"], expected, rtol=1e-10, atol=0)  # ε = 1e-12 in the target
+    with torch.no_grad():
+        w, _ = meta.sample_weights(ell)  # (B,) of the updated net
+        d1 = meta.sample_net(ell)
+    torch.testing.assert_close(w, B * d1 / d1.sum(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(w.sum(), torch.tensor(float(B), dtype=w.dtype))
+    torch.testing.assert_close(out["weight_min"], w.min())
+    assert meta.class_weights() is None
+    assert meta.diffnet is None  # no class-level net for the engine's per-class history
+
+
+def test_sample_mode_rejects_another_batch_size_before_touching_state():
+    meta = make("exact_sample")
+    x, y, meta_batch = batch(0)
+    with pytest.raises(ValueError, match=r"optim\.batch_size = 8"):
+        meta.step(torch.cat([x, x]), torch.cat([y, y]), meta_batch)  # 2B would pass the net as two rows
+    assert int(meta.model.bn.num_batches_tracked) == 0
+
+
+def test_mwn_optimiser_is_the_class_imbalance_reference():
+    """xjtushujun/Meta-weight-net_class-imbalance: SGD(vnet.params(), 1e-5, momentum=0.9, nesterov=True,
+    weight_decay=5e-4)."""
+    model = TinyNet()
+    cfg, optimizer = TrainConfig(meta=MetaConfig(mode="mwn")), torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = build_meta_mode(cfg, model, CrossEntropy(), optimizer, C)
+    opt = meta.vnet_optimizer
+    assert isinstance(opt, torch.optim.SGD)
+    hyper = {k: opt.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay", "dampening")}
+    assert hyper == {"lr": 1e-5, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "dampening": 0}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # BatchNorm semantics and the real step
 
 
@@ -283,6 +387,10 @@ def _sgd_reference(params: dict[str, Tensor], grads: dict[str, Tensor], bufs: di
         ("exact", "jvp", "ce"),
         ("exact", "double_backward", "cb"),
         ("mwn", "jvp", "ce"),
+        ("frozen", "jvp", "cb"),
+        ("exact_absolute", "jvp", "ce"),
+        ("exact_sample", "jvp", "cb"),
+        ("exact_sample", "double_backward", "ce"),
     ],
 )
 def test_real_step_equals_hand_written_sgd(mode, grad, loss):
@@ -298,8 +406,9 @@ def test_real_step_equals_hand_written_sgd(mode, grad, loss):
         live = {n: p.requires_grad_() for n, p in params.items()}
         ell = torch.func.functional_call(ref, live, (x,))
         ell = criterion(ell, y)  # (B,)
-        if mode == "mwn":
-            v = meta.vnet(ell.detach())  # V after its update
+        if mode in ("mwn", "exact_sample"):
+            net = meta.vnet if mode == "mwn" else meta.sample_net
+            v = net(ell.detach())  # V or D^sample after its update
             loss_ref = weighted_mean(ell * (B * v / v.sum()), torch.ones_like(ell), criterion.denominator(y))
         else:
             w = torch.ones(C, dtype=ell.dtype) if mode == "off" else meta.class_weights()
@@ -316,7 +425,11 @@ def test_real_step_equals_hand_written_sgd(mode, grad, loss):
 # State
 
 
-@pytest.mark.parametrize(("mode", "grad"), [("driver", "jvp"), ("exact", "jvp"), ("mwn", "jvp")])
+@pytest.mark.parametrize(
+    ("mode", "grad"),
+    [("driver", "jvp"), ("exact", "jvp"), ("mwn", "jvp"), ("frozen", "jvp"), ("exact_absolute", "jvp"),
+     ("exact_sample", "jvp")],
+)
 def test_state_dict_round_trip_continues_identically(mode, grad):
     a = make(mode, grad)
     a.step(*batch(0))
@@ -344,6 +457,9 @@ BASE_KEYS = {"model", "criterion", "optimizer", "acc"}
         ("driver", BASE_KEYS | {"diffnet", "diffnet_optimizer"}),
         ("exact", BASE_KEYS | {"diffnet", "diffnet_optimizer"}),
         ("mwn", BASE_KEYS | {"mwn", "mwn_optimizer"}),
+        ("frozen", BASE_KEYS | {"diffnet"}),
+        ("exact_absolute", BASE_KEYS | {"diffnet", "diffnet_optimizer"}),
+        ("exact_sample", BASE_KEYS | {"sample_diffnet", "sample_diffnet_optimizer"}),
     ],
 )
 def test_state_dict_keys_are_the_checkpoint_layout(mode, keys):

@@ -1,4 +1,5 @@
-"""Meta-gradient checks in float64: exact mode against finite differences, jvp against the double backward."""
+"""Meta-gradient checks in float64: exact, exact_absolute and exact_sample against finite differences, jvp
+against the double backward."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dnet_fast.meta import (
 )
 from tests.helpers import ACC, LAMBDA, B, C, TinyNet, batch, flat_grad, meta_config, tiny_param_groups
 
+Params = dict[str, Tensor]
 LRS = {"conv": 0.5, "bn": 0.5, "fc": 0.3}  # α per param group (backbone, head): two groups on purpose
 
 
@@ -46,20 +48,46 @@ def make(mode: str, grad: str = "jvp", criterion: nn.Module | None = None, **kwa
 
 
 def aux_net(meta: MetaMode) -> nn.Module:
-    return meta.diffnet if meta.diffnet is not None else meta.vnet
+    """The auxiliary net the meta step trains: the one module the mode owns besides model and criterion."""
+    (net,) = [m for name, m in meta.owned().modules.items() if name not in ("model", "criterion")]
+    return net
 
 
-def bilevel_objective(
-    diffnet: nn.Module, theta: dict[str, Tensor], phi: dict[str, Tensor], alpha, data
-) -> Tensor:
-    """J(θ) = L_meta(φ − α ∇_φ L_w(φ; θ)) + λ L_dr(θ), written independently of dnet_fast.meta."""
+# ----------------------------------------------------------------------------------------------------------
+# ω(θ) and L_dr(θ) of each mode at the batch losses ℓ(φ_t), written independently of dnet_fast.meta
+
+
+def relative_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """exact (Eqs. 4, 7): d = D(A), ω_i = (C·d/Σd)_{y_i}, L_dr = mean (1 − a/Σa − d)²."""
+    d = functional_call(net, theta, (ACC,))  # (C,)
+    return (C * d / d.sum())[y], ((1.0 - ACC / (ACC.sum() + 1e-12) - d) ** 2).mean()
+
+
+def absolute_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """exact_absolute: d_c = D^abs(a_c) — each class through the net on its own —, target 1 − a."""
+    d = torch.cat([functional_call(net, theta, (ACC[c : c + 1],)) for c in range(C)])  # (C,)
+    return (C * d / d.sum())[y], ((1.0 - ACC - d) ** 2).mean()
+
+
+def sample_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """exact_sample: d = D^sample(ℓ) on the detached losses, ω = B·d/Σd, target 1 − p/Σp with p = exp(−ℓ)."""
+    ell = ell.detach()
+    d = functional_call(net, theta, (ell,))  # (B,)
+    p = torch.exp(-ell)
+    return B * d / d.sum(), ((1.0 - p / p.sum() - d) ** 2).mean()
+
+
+#: mode -> its ω(θ), L_dr(θ) (the FD oracle covers every mode whose θ receives the meta gradient and L_dr).
+WEIGHTS = {"exact": relative_weights, "exact_absolute": absolute_weights, "exact_sample": sample_weights}
+
+
+def bilevel_objective(weigh, net: nn.Module, theta: Params, phi: Params, alpha, data) -> Tensor:
+    """J(θ) = L_meta(φ − α ∇_φ (1/b) Σ ω_i(θ) ℓ_i(φ)) + λ L_dr(θ)."""
     x, y, (xm, ym) = data
-    d = functional_call(diffnet, theta, (ACC,))  # (C,)
-    w = C * d / d.sum()
-    l_dr = ((1.0 - ACC / (ACC.sum() + 1e-12) - d) ** 2).mean()
     p = {n: v.clone().requires_grad_() for n, v in phi.items()}
     ell = F.cross_entropy(tiny_forward(p, x), y, reduction="none")  # (B,)
-    g = torch.autograd.grad((w[y] * ell).mean(), list(p.values()))
+    omega, l_dr = weigh(net, theta, ell, y)
+    g = torch.autograd.grad((omega * ell).mean(), list(p.values()))
     p_hat = {n: phi[n] - alpha[n] * gn for n, gn in zip(p, g, strict=True)}
     return F.cross_entropy(tiny_forward(p_hat, xm), ym) + LAMBDA * l_dr
 
@@ -83,26 +111,40 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 
 @pytest.mark.parametrize("grad", ["jvp", "double_backward"])
-def test_exact_theta_gradient_matches_finite_differences(grad):
-    meta = make("exact", grad)
-    data = batch(0)
+@pytest.mark.parametrize("mode", sorted(WEIGHTS))
+def test_exact_theta_gradient_matches_finite_differences(mode, grad):
+    meta = make(mode, grad)
+    net = aux_net(meta)
+    x, y, _ = data = batch(0)
     phi = {n: p.detach().clone() for n, p in meta.model.named_parameters()}
-    theta = {n: p.detach().clone() for n, p in meta.diffnet.named_parameters()}
+    theta = {n: p.detach().clone() for n, p in net.named_parameters()}
     alpha = {n: LRS[n.split(".")[0]] for n in phi}
     meta.step(*data)
-    got = flat_grad(meta.diffnet)  # ∂J/∂θ at θ_t (Adam leaves .grad alone)
+    got = flat_grad(net)  # ∂J/∂θ at θ_t (Adam leaves .grad alone)
 
-    fd = central_differences(lambda th: bilevel_objective(meta.diffnet, th, phi, alpha, data), theta)
+    weigh = WEIGHTS[mode]
+    fd = central_differences(lambda th: bilevel_objective(weigh, net, th, phi, alpha, data), theta)
     th = {n: v.clone().requires_grad_() for n, v in theta.items()}
-    d = functional_call(meta.diffnet, th, (ACC,))
-    dr = torch.autograd.grad(LAMBDA * ((1.0 - ACC / ACC.sum() - d) ** 2).mean(), list(th.values()))
+    ell = F.cross_entropy(tiny_forward(phi, x), y, reduction="none")
+    dr = torch.autograd.grad(LAMBDA * weigh(net, th, ell, y)[1], list(th.values()))
     dr = torch.cat([g.flatten() for g in dr])  # the driver part λ ∇L_dr
     assert rel_err(got, fd) < 1e-4
     assert rel_err(got - dr, fd - dr) < 1e-4  # the meta term alone, not just the (larger) driver term
     assert (fd - dr).norm() > 1e-3 * fd.norm()  # and that term is not negligible
+    assert dr.norm() > 1e-3 * fd.norm()  # nor is the driver term: the oracle checks both
 
 
-@pytest.mark.parametrize(("mode", "loss"), [("exact", "ce"), ("exact", "cb"), ("mwn", "ce")])
+@pytest.mark.parametrize(
+    ("mode", "loss"),
+    [
+        ("exact", "ce"),
+        ("exact", "cb"),
+        ("mwn", "ce"),
+        ("exact_absolute", "ce"),
+        ("exact_sample", "ce"),
+        ("exact_sample", "cb"),
+    ],
+)
 def test_jvp_equals_double_backward_step_for_step(mode, loss):
     def criterion() -> nn.Module:
         return (
@@ -139,10 +181,18 @@ def test_mwn_gradient_matches_hand_written_double_backward():
     g = torch.autograd.grad((B * v / v.sum() * ell).mean(), list(phi.values()), create_graph=True)
     p_hat = {n: phi[n] - alpha[n] * gn for n, gn in zip(phi, g, strict=True)}
     expected = torch.autograd.grad(F.cross_entropy(tiny_forward(p_hat, xm), ym), list(vnet_params.values()))
+    before = [p.detach().clone() for p in vnet_params.values()]
     meta.step(*data)
     torch.testing.assert_close(
         flat_grad(meta.vnet), torch.cat([e.flatten() for e in expected]), rtol=1e-10, atol=1e-14
     )
+    # The reference's first SGD step on V: g' = g + wd·Θ, buffer = g', Nesterov Θ ← Θ − lr·(g' + μ·buffer).
+    m = meta.cfg.meta
+    assert (m.mwn_momentum, m.mwn_nesterov, m.mwn_weight_decay) == (0.9, True, 5e-4)
+    for p, p0, g in zip(meta.vnet.parameters(), before, expected, strict=True):
+        g = g + m.mwn_weight_decay * p0
+        expected_p = p0 - m.mwn_lr * (1 + m.mwn_momentum) * g
+        torch.testing.assert_close(p.detach(), expected_p, rtol=1e-10, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------------------------

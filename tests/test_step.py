@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from dnet_fast.config import DiffNetConfig, LossConfig, MetaConfig, ModelConfig, TrainConfig
+from dnet_fast.config import DiffNetConfig, LossConfig, MetaConfig, ModelConfig, OptimConfig, TrainConfig
 from dnet_fast.losses import LOSSES, build_loss
 from dnet_fast.meta import META_MODES, MetaMode
 from dnet_fast.metrics import counts_from_logits
@@ -33,7 +33,16 @@ ACC2 = torch.tensor([0.8, 0.7, 0.3, 0.3, 0.1], dtype=torch.float64)  # A of a la
 # Power-of-two lrs make α·g exact, so torch's fused p − α·g (one FMA) and ours (product, then difference) agree
 # bit for bit; the schedule factors below keep them powers of two.
 LRS = (0.5, 0.25)
-MODES = [("off", "jvp"), ("driver", "jvp"), ("exact", "jvp"), ("exact", "double_backward"), ("mwn", "jvp")]
+MODES = [
+    ("off", "jvp"),
+    ("driver", "jvp"),
+    ("exact", "jvp"),
+    ("exact", "double_backward"),
+    ("mwn", "jvp"),
+    ("frozen", "jvp"),
+    ("exact_absolute", "jvp"),
+    ("exact_sample", "jvp"),
+]
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -71,11 +80,11 @@ def run(step_fn, meta: MetaMode, steps: int, *, seed: int = 7) -> list[dict[str,
 
 
 def state_of(meta: MetaMode) -> dict[str, Tensor]:
-    """Every tensor of the training state by a stable name: model, aux nets and all optimiser states."""
-    out = {f"model.{k}": v for k, v in meta.model.state_dict().items()}
-    for attr in ("diffnet", "vnet"):
-        if getattr(meta, attr, None) is not None:
-            out |= {f"{attr}.{k}": v for k, v in getattr(meta, attr).state_dict().items()}
+    """Every tensor of the training state by a stable name: the modules the mode owns (model, aux nets) and
+    all optimiser states."""
+    out = {}
+    for name, module in meta.owned().modules.items():
+        out |= {f"{name}.{k}": v for k, v in module.state_dict().items()}
     for i, opt in enumerate(step_optimizers(meta)):
         names = {id(p): f"{j}.{k}" for j, group in enumerate(opt.param_groups) for k, p in enumerate(group["params"])}
         for p, st in opt.state.items():
@@ -342,6 +351,7 @@ def _gpu_setup(mode: str, backbone: str, *, loss: str = "ce", grad: str = "jvp",
     """A CUDA meta mode on a registered backbone, and its data: the same arguments give the same state."""
     cfg = TrainConfig(
         model=ModelConfig(backbone=backbone, width=16, channels_last=channels_last),
+        optim=OptimConfig(batch_size=batch_size),  # the width of exact_sample's net
         diffnet=DiffNetConfig(hidden=32, bias=True, lr=1e-3),
         meta=MetaConfig(mode=mode, grad=grad, meta_batch=meta_batch, mwn_hidden=16, mwn_lr=1e-2),
     )

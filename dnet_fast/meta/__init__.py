@@ -1,7 +1,9 @@
-"""Meta modes (off | driver | exact | mwn) and their named phases; every public name of the package, re-exported."""
+"""Meta modes (off | driver | exact | mwn; Table 4 ablations frozen | exact_absolute | exact_sample) and their
+named phases; every public name of the package, re-exported."""
 
 from __future__ import annotations
 
+from dnet_fast.meta.ablations import ExactAbsoluteMode, ExactSampleMode, FrozenMode, sample_accuracy
 from dnet_fast.meta.forward_ad import (
     BatchNormTrain,
     ClosedFormBatchNorm,
@@ -25,6 +27,7 @@ from dnet_fast.meta.gradient import (
 )
 from dnet_fast.meta.modes import (
     META_MODES,
+    ClassWeightMode,
     DriverMode,
     ExactMode,
     MetaMode,
@@ -32,6 +35,7 @@ from dnet_fast.meta.modes import (
     OffMode,
     Owned,
     build_meta_mode,
+    diffnet_adam,
 )
 from dnet_fast.meta.phases import (
     Params,
@@ -52,9 +56,13 @@ __all__ = [
     "META_MODES",
     "Algorithm",
     "BatchNormTrain",
+    "ClassWeightMode",
     "ClosedFormBatchNorm",
     "DriverMode",
+    "ExactAbsoluteMode",
     "ExactMode",
+    "ExactSampleMode",
+    "FrozenMode",
     "Inner",
     "MWNMode",
     "MetaGrad",
@@ -68,6 +76,7 @@ __all__ = [
     "batch_norm_train_jvp",
     "build_meta_mode",
     "class_weights",
+    "diffnet_adam",
     "driver_loss",
     "forward_ad_problem",
     "functional_layout",
@@ -79,6 +88,7 @@ __all__ = [
     "needs_losses",
     "quiet_jvp",
     "real_step",
+    "sample_accuracy",
     "scratch_buffers",
     "scratch_losses",
     "virtual_step",

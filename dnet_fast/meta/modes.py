@@ -1,4 +1,7 @@
-"""The META_MODES registry: one whole training iteration per mode (off | driver | exact | mwn), eager."""
+"""The META_MODES registry: one whole training iteration per mode (off | driver | exact | mwn), eager.
+
+The Table 4 ablations (frozen | exact_absolute | exact_sample) register from ``dnet_fast.meta.ablations``.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from dnet_fast.registry import Registry
 
 __all__ = [
     "META_MODES",
+    "ClassWeightMode",
     "DriverMode",
     "ExactMode",
     "MWNMode",
@@ -33,6 +37,8 @@ __all__ = [
     "OffMode",
     "Owned",
     "build_meta_mode",
+    "choose_grad",
+    "diffnet_adam",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +81,8 @@ class MetaMode:
 
     Attributes:
         needs_meta_batch: whether ``step`` needs a balanced meta batch.
-        diffnet: Difficulty-Net (driver, exact) or None.
+        diffnet: the class-level Difficulty-Net, (C,) accuracies → (C,) difficulties (frozen, driver, exact,
+            exact_absolute) or None (off, mwn, exact_sample).
         acc: (C,) static buffer with the per-class accuracy A, refreshed in place.
     """
 
@@ -198,9 +205,8 @@ class OffMode(MetaMode):
         return {"loss": loss.detach(), "logits": logits}
 
 
-@META_MODES.register("driver")
-class DriverMode(MetaMode):
-    """What the released code computes (SPEC §4.4): an Adam step on λ·L_dr, then the real step with w(θ_{t+1}).
+class ClassWeightMode(MetaMode):
+    """Base of the modes that weight classes by a Difficulty-Net: holds D and runs the real phase (Eq. 11).
 
     Args:
         cfg, model, criterion, optimizer, num_classes: as `build_meta_mode`.
@@ -222,38 +228,72 @@ class DriverMode(MetaMode):
         if diffnet is None:
             diffnet = DifficultyNet(num_classes, cfg.diffnet.hidden, cfg.diffnet.bias)
         self.diffnet = diffnet.to(device=self.device, dtype=self.dtype)
-        self.lambda_dr = cfg.meta.lambda_dr
         self.normalize = cfg.diffnet.normalize
-        # capturable on CUDA: Adam's step counter stays on the device, so the step can be graph-captured.
-        self.diffnet_optimizer = torch.optim.Adam(
-            self.diffnet.parameters(),
-            lr=cfg.diffnet.lr,
-            weight_decay=cfg.diffnet.weight_decay,
-            capturable=self.device.type == "cuda",
-        )
 
     def owned(self) -> Owned:
-        """The base declaration plus Difficulty-Net and its Adam."""
-        return super().owned().plus(Owned({"diffnet": self.diffnet}, {"diffnet_optimizer": self.diffnet_optimizer}))
+        """The base declaration plus Difficulty-Net."""
+        return super().owned().plus(Owned({"diffnet": self.diffnet}))
 
     def class_weights(self) -> Tensor:
         """Current (C,) class weights of Difficulty-Net, detached."""
         with torch.no_grad():
             return class_weights(self.diffnet, self.acc, self.normalize)[0]
 
-    def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
-        _, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
-        l_dr = driver_loss(d, self.acc)
-        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr], [None])
-        return {**self._real_phase(*self._train_forward(x, y), y), "driver_loss": l_dr.detach()}
-
     def _real_phase(self, losses: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Eq. 11: detached weights of the updated net, (1/b) Σ w'_{y_i} ℓ_i, real step."""
+        """Eq. 11: detached weights of the (updated) net, (1/b) Σ w'_{y_i} ℓ_i, real step."""
         with torch.no_grad():
             w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
         loss = weighted_mean(losses, w[y], self.criterion.denominator(y))
         real_step(self.optimizer, loss)
         return {"loss": loss.detach(), "logits": logits, **weight_stats(w, d)}
+
+
+def diffnet_adam(net: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Difficulty-Net's optimiser (SPEC §1): Adam, lr β = ``diffnet.lr``, coupled L2 ``diffnet.weight_decay``.
+
+    capturable on CUDA: Adam's step counter stays on the device, so the step can be graph-captured.
+    """
+    d, cuda = cfg.diffnet, device.type == "cuda"
+    return torch.optim.Adam(net.parameters(), lr=d.lr, weight_decay=d.weight_decay, capturable=cuda)
+
+
+@META_MODES.register("driver")
+class DriverMode(ClassWeightMode):
+    """What the released code computes (SPEC §4.4): an Adam step on λ·L_dr, then the real step with w(θ_{t+1}).
+
+    Args:
+        cfg, model, criterion, optimizer, num_classes, diffnet, forward: as `ClassWeightMode`.
+
+    Attributes:
+        relative_target: L_dr's target is Eq. 7's 1 − â (True) or the absolute 1 − a (`driver_loss`).
+    """
+
+    relative_target: bool = True
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_classes: int,
+        diffnet: nn.Module | None = None,
+        *,
+        forward: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        super().__init__(cfg, model, criterion, optimizer, num_classes, diffnet, forward=forward)
+        self.lambda_dr = cfg.meta.lambda_dr
+        self.diffnet_optimizer = diffnet_adam(self.diffnet, cfg, self.device)
+
+    def owned(self) -> Owned:
+        """The base declaration plus Difficulty-Net and its Adam."""
+        return super().owned().plus(Owned({}, {"diffnet_optimizer": self.diffnet_optimizer}))
+
+    def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+        _, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
+        l_dr = driver_loss(d, self.acc, relative=self.relative_target)
+        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr], [None])
+        return {**self._real_phase(*self._train_forward(x, y), y), "driver_loss": l_dr.detach()}
 
 
 @META_MODES.register("exact")
@@ -282,13 +322,13 @@ class ExactMode(DriverMode):
         forward: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(cfg, model, criterion, optimizer, num_classes, diffnet, forward=forward)
-        self.grad, self.grad_fallback_reason = _choose_grad(
+        self.grad, self.grad_fallback_reason = choose_grad(
             cfg.meta.grad, criterion, num_classes, self.device
         )
 
     def _step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,), in θ's graph
-        l_dr = driver_loss(d, self.acc)
+        l_dr = driver_loss(d, self.acc, relative=self.relative_target)
         omega = w[y]  # (B,) device-side gather
         # jvp: one train forward serves Eq. 9 (first-order g) and Eq. 11 (second backward with w').
         shared = self._train_forward(x, y) if needs_losses(self.grad) else None
@@ -302,8 +342,26 @@ class ExactMode(DriverMode):
 class MWNMode(MetaMode):
     """The Meta-Weight-Net baseline (SPEC §12): ω_i = b·V(ℓ_i)/Σ_j V(ℓ_j) on detached losses, same three steps.
 
-    V is trained with plain SGD (lr ``cfg.meta.mwn_lr``); there is no driver loss. ``cfg.meta.grad`` works as in
-    `ExactMode` (ω depends on V's parameters only, so the jvp path applies unchanged).
+    Which losses V sees:
+
+    - Virtual step (Eq. 9 with ω): V reads the per-sample losses ℓ_i(φ_t) of the virtual forward,
+      **detached** (``sample_weights``): those of the shared train forward on the jvp path, those of the
+      scratch forward on the double-backward path (equal values: both are train-mode forwards at φ_t on x). So
+      φ̂ = φ_t − α (1/b) Σ_i ω_i(Θ) ∇_φ ℓ_i(φ_t) and L_meta reaches Θ only through ω, as the MWN paper's
+      update writes it; φ̂ is linear in ω and ω depends on Θ alone, which is what the jvp path needs.
+    - Meta step: V is not evaluated; L_meta is the plain mean CE of f(x^m; φ̂) on the balanced meta batch.
+    - Real step: V with the updated Θ on the detached losses of the real forward (reference: ``no_grad``).
+
+    ω = b·V/ΣV with (1/b) Σ ω_i ℓ_i equals the reference's Σ_i ℓ_i V_i/Σ_j V_j; its host check ``ΣV ≠ 0``
+    is dropped (sigmoid outputs are positive, and the check would sync). The class-imbalance reference
+    (xjtushujun/Meta-weight-net_class-imbalance) feeds V the *non-detached* virtual-forward losses
+    (``vnet(cost_v)``), so its virtual gradient also carries ∂V/∂ℓ·∇_φℓ terms; the MWN paper's Eq. 4 and
+    its noisy-label code (``vnet(cost_v.data)``) detach, and so does this mode.
+
+    V's optimiser is the reference's ``optimizer_c``: SGD lr 1e-5, momentum 0.9, Nesterov, weight decay
+    5e-4 (``meta.mwn_lr``, ``mwn_momentum``, ``mwn_nesterov``, ``mwn_weight_decay``; the reference passes the
+    last three from the arguments it also gives the classifier's SGD). There is no driver loss.
+    ``cfg.meta.grad`` works as in `ExactMode`.
 
     Args:
         cfg, model, criterion, optimizer, num_classes: as `build_meta_mode`.
@@ -327,8 +385,12 @@ class MWNMode(MetaMode):
         self.vnet = (vnet if vnet is not None else MetaWeightNet(cfg.meta.mwn_hidden)).to(
             self.device, self.dtype
         )
-        self.vnet_optimizer = torch.optim.SGD(self.vnet.parameters(), lr=cfg.meta.mwn_lr)
-        self.grad, self.grad_fallback_reason = _choose_grad(
+        m = cfg.meta
+        self.vnet_optimizer = torch.optim.SGD(
+            self.vnet.parameters(), lr=m.mwn_lr, momentum=m.mwn_momentum, nesterov=m.mwn_nesterov,
+            weight_decay=m.mwn_weight_decay,
+        )
+        self.grad, self.grad_fallback_reason = choose_grad(
             cfg.meta.grad, criterion, num_classes, self.device
         )
 
@@ -388,7 +450,7 @@ def _optimised_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return params, {n: group_of_id[id(p)] for n, p in params.items()}
 
 
-def _choose_grad(
+def choose_grad(
     grad: str, criterion: nn.Module, num_classes: int, device: torch.device
 ) -> tuple[str, str | None]:
     """The meta-gradient algorithm to use, and why jvp was replaced by double_backward (None if it was not)."""

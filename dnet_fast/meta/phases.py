@@ -55,9 +55,12 @@ def weighted_mean(losses: Tensor, weights: Tensor, denominator: Tensor | None = 
 def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tensor, Tensor]:
     """Class weights from Difficulty-Net (SPEC §1), computed in the net's own precision (≥ fp32).
 
+    The same rule weighs the N items of any difficulty net: N = C classes here and for the absolute net, N = B
+    samples for the sample-level net (``sum_to_C`` then means Σ w = B, a mean weight of 1 per sample).
+
     Args:
-        diffnet: D(·; θ), (C,) accuracies → (C,) difficulties in (0, 1).
-        acc: (C,) per-class accuracy A.
+        diffnet: D(·; θ), (C,) accuracies → (C,) difficulties in (0, 1) (or N inputs → N difficulties).
+        acc: (C,) per-class accuracy A (or the net's N inputs).
         normalize: ``sum_to_C`` (w = C·d/Σd) or ``none`` (w = d).
 
     Returns:
@@ -70,9 +73,16 @@ def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tens
     return d * (d.numel() / d.sum()), d  # (C,), sums to C
 
 
-def driver_loss(d: Tensor, acc: Tensor) -> Tensor:
-    """L_dr = mean_c (t_c − d_c)², t = 1 − a/(Σa + 1e-12), on the difficulties before normalisation (SPEC §5)."""
-    target = 1.0 - acc / (acc.sum() + _EPS)  # (C,); all ones when A = 0
+def driver_loss(d: Tensor, acc: Tensor, *, relative: bool = True) -> Tensor:
+    """L_dr = mean_c (t_c − d_c)² on the difficulties before normalisation (SPEC §5, paper Eq. 7).
+
+    Args:
+        d: (N,) raw difficulties.
+        acc: (N,) accuracies a (constants: no gradient flows into them).
+        relative: t = 1 − a/(Σa + 1e-12), Eq. 7's target on the normalised accuracy â (all ones if A = 0);
+            False: t = 1 − a, the absolute difficulty of CDB-CE (paper §3.1), a function of a_c alone.
+    """
+    target = 1.0 - (acc / (acc.sum() + _EPS) if relative else acc)  # (N,)
     return F.mse_loss(d, target)
 
 
