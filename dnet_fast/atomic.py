@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ __all__ = [
     "atomic_open",
     "atomic_path",
     "atomic_write_json",
+    "finite_json",
     "fsync_dir",
     "publish",
     "sha256_file",
@@ -76,7 +78,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
 def atomic_write_json(
     path: str | Path, obj: Any, *, indent: int = 1, default: Callable[[Any], Any] | None = None
 ) -> None:
-    """Writes ``obj`` as indented JSON (and a final newline) through :func:`atomic_path`.
+    """Writes ``obj`` as indented, valid JSON (and a final newline) through :func:`atomic_path`.
+
+    NaN and ±inf, which ``json`` would write as the invalid tokens ``NaN`` / ``Infinity``, are written as null.
 
     Args:
         path: the file to create or replace.
@@ -84,8 +88,21 @@ def atomic_write_json(
         indent: spaces per level.
         default: called for objects ``json`` cannot serialise.
     """
+    convert = None if default is None else (lambda o: finite_json(default(o)))
+    text = json.dumps(finite_json(obj), indent=indent, default=convert, allow_nan=False)
     with atomic_open(path, "w") as f:
-        f.write(json.dumps(obj, indent=indent, default=default) + "\n")
+        f.write(text + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) in its dicts, lists and tuples replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: str | Path) -> str:
