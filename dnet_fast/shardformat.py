@@ -10,6 +10,7 @@ written last: its presence marks a complete conversion.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import mmap
@@ -25,14 +26,17 @@ from dnet_fast.atomic import atomic_path, publish, sha256_file, tmp_path_for
 __all__ = [
     "INDEX_VERSION",
     "META_NAME",
+    "ShardDataError",
     "ShardReader",
     "ShardWriter",
     "file_ok",
     "file_record",
+    "meta_digest",
     "read_index",
     "read_meta",
     "read_samples",
     "sample_key",
+    "sample_sources",
     "samples_name",
     "write_samples",
 ]
@@ -41,6 +45,13 @@ INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects 
 META_NAME = "meta.json"  # written last: its presence with matching checksums marks a complete conversion
 _SAMPLES_HEADER = "key\tlabel\tsource\n"
 _BLOCK = 512
+
+
+class ShardDataError(ValueError):
+    """Bad bytes in a converted directory (a changed file; a damaged meta.json, table, index or class member).
+
+    The message is one line naming the file and, where there is one, the line or the sample.
+    """
 
 
 def sample_key(index: int) -> str:
@@ -107,25 +118,36 @@ def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
     """Parses a ``wds2idx`` index: one ``{ext: (offset, size)}`` per sample, in tar order.
 
     Raises:
-        ValueError: bad header or sample count (the message names the file and line).
+        ShardDataError: bad header, line or sample count (the message names the file and line).
     """
     idx_path = Path(idx_path)
-    lines = idx_path.read_text().splitlines()
+    lines = _text_lines(idx_path)
     head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION:
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         msg = f"{idx_path}:1: expected '{INDEX_VERSION} <count>', got '{lines[0] if lines else ''}'"
-        raise ValueError(msg)
+        raise ShardDataError(msg)
     out = []
     for lineno, line in enumerate(lines[1:], start=2):
         f = line.split()
-        if len(f) % 4:
+        if len(f) % 4 or not all(f[i + 1].isdigit() and f[i + 2].isdigit() for i in range(0, len(f), 4)):
             msg = f"{idx_path}:{lineno}: expected groups of '<ext> <offset> <size> <name>'"
-            raise ValueError(msg)
+            raise ShardDataError(msg)
         out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
     if len(out) != int(head[1]):
         msg = f"{idx_path}: header says {head[1]} samples, found {len(out)}"
-        raise ValueError(msg)
+        raise ShardDataError(msg)
     return out
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The UTF-8 lines of a table or index file; a byte that is not UTF-8 is reported with its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        msg = f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); the file is damaged"
+        raise ShardDataError(msg) from None
 
 
 class ShardReader:
@@ -140,8 +162,12 @@ class ShardReader:
         self._where: list[tuple[int, int, int, str]] = []  # (shard, offset, size, ext) per sample
         self._labels: list[tuple[int, int, int]] = []
         for s, tar in enumerate(self.tars):
-            for members in read_index(tar.with_suffix(".idx")):
-                ext = next(e for e in members if e != "cls")
+            idx = tar.with_suffix(".idx")
+            for n, members in enumerate(read_index(idx), start=2):
+                ext = next((e for e in members if e != "cls"), None)
+                if ext is None or "cls" not in members:
+                    msg = f"{idx}:{n}: expected an image member and a .cls member, got {sorted(members)}"
+                    raise ShardDataError(msg)
                 self._where.append((s, *members[ext], ext))
                 self._labels.append((s, *members["cls"]))
         self._maps: dict[int, mmap.mmap] = {}
@@ -164,9 +190,31 @@ class ShardReader:
         """Stored image extension of sample ``i`` (``jpg`` or ``png``)."""
         return self._where[i][3]
 
+    def tar_of(self, i: int) -> Path:
+        """The tar shard holding sample ``i``."""
+        return self.tars[self._where[i][0]]
+
+    def member_name(self, i: int) -> str:
+        """Name of sample ``i``'s image member (``<key>.<ext>``), read from its tar header (for messages)."""
+        shard, off, _, _ = self._where[i]
+        header = self._map(shard)[max(off - _BLOCK, 0) : max(off - _BLOCK, 0) + 100]
+        return header.split(b"\0", 1)[0].decode("utf-8", "replace")
+
     def labels(self) -> np.ndarray:
-        """int64 (N,) class ids read from the ``.cls`` members."""
-        return np.array([int(self._map(s)[o : o + n]) for s, o, n in self._labels], dtype=np.int64)
+        """int64 (N,) class ids read from the ``.cls`` members.
+
+        Raises:
+            ShardDataError: a ``.cls`` member is not an ASCII integer (names the shard and the sample).
+        """
+        out = np.empty(len(self._labels), dtype=np.int64)
+        for i, (s, o, n) in enumerate(self._labels):
+            text = self._map(s)[o : o + n]
+            if not text.isdigit():
+                name = self.member_name(i).rsplit(".", 1)[0]
+                msg = f"{self.tars[s]}: sample {name}: class member {bytes(text[:16])!r} is not an integer"
+                raise ShardDataError(msg)
+            out[i] = int(text)
+        return out
 
     def close(self) -> None:
         """Unmaps the tars."""
@@ -199,16 +247,66 @@ def write_samples(path: str | Path, rows: Iterable[tuple[str, int, str]]) -> Non
 
 
 def read_samples(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
-    """(keys, labels int64 (N,)) of a sample table, in stored order."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()[1:]
-    rows = [line.split("\t", 2) for line in lines]
+    """(keys, labels int64 (N,)) of a sample table, in stored order.
+
+    Raises:
+        ShardDataError: a damaged table (the message names the file and line).
+    """
+    rows = _sample_rows(Path(path))
     return tuple(r[0] for r in rows), np.array([int(r[1]) for r in rows], dtype=np.int64)
 
 
+def sample_sources(path: str | Path) -> tuple[str, ...]:
+    """The ``source`` column of a sample table (where each stored sample came from), in stored order."""
+    return tuple(r[2] for r in _sample_rows(Path(path)))
+
+
+def _sample_rows(path: Path) -> list[list[str]]:
+    lines = _text_lines(path)
+    if not lines or lines[0] + "\n" != _SAMPLES_HEADER:
+        msg = f"{path}:1: expected the header '{_SAMPLES_HEADER.strip()}'"
+        raise ShardDataError(msg)
+    rows = [line.split("\t", 2) for line in lines[1:]]
+    for lineno, r in enumerate(rows, start=2):
+        if len(r) != 3 or not r[1].isdigit():
+            msg = f"{path}:{lineno}: expected 'key<TAB>label<TAB>source', got {lines[lineno - 1][:80]!r}"
+            raise ShardDataError(msg)
+    return rows
+
+
 def read_meta(out: Path) -> dict[str, Any] | None:
-    """The parsed ``out/meta.json``, or None when there is none (not a conversion, or one that did not finish)."""
+    """The parsed ``out/meta.json``, or None when there is none (not a conversion, or one that did not finish).
+
+    Raises:
+        ShardDataError: meta.json is not valid JSON, or (see :func:`meta_digest`) its content differs from the
+            digest recorded in it.
+    """
     path = Path(out) / META_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        msg = f"{path}: not valid JSON ({err}); the file is damaged: re-run the converter to rewrite it"
+        raise ShardDataError(msg) from None
+    recorded = meta.get("digest") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or (recorded is not None and recorded != meta_digest(meta)):
+        msg = (
+            f"{path}: content differs from the digest recorded in it: the file was edited or damaged after "
+            "conversion; re-run the converter to rewrite it"
+        )
+        raise ShardDataError(msg)
+    return meta
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of meta.json's content without its own ``digest`` field, as canonical JSON.
+
+    The converter stores it as ``digest``; :func:`read_meta` recomputes it, so a changed class count, mean or
+    file checksum in meta.json itself is caught too (meta.json written before the field existed has none).
+    """
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def file_record(path: str | Path) -> dict[str, Any]:

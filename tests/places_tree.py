@@ -24,7 +24,7 @@ HARD_KINDS = (
     "too_large",
     "label_out_of_range",
     "malformed",
-    "crlf",
+    "extra_column",
     "duplicate",
     "escapes_root",
     "absolute",
@@ -132,10 +132,9 @@ def make_bad(tree: MiniTree, kind: str, split: str = "train", label: int = 1) ->
         return tree.append(split, f"{first}x.jpg 400"), f"{first}x.jpg"
     if kind == "malformed":
         return tree.append(split, "train/airfield/no_label.jpg"), "train/airfield/no_label.jpg"
-    if kind == "crlf":
-        line = tree.lines[split][1].replace(".jpg", "_crlf.jpg")
-        (tree.root / line.rsplit(" ", 1)[0]).write_bytes(good)
-        return tree.append(split, line, raw=(line + "\r\n").encode()), line.rsplit(" ", 1)[0]
+    if kind == "extra_column":  # an existing image: the line is malformed, not a missing file named "x.jpg 1"
+        _save(_image(label, 0, (64, 64)), path, "JPEG")
+        return tree.append(split, f"{rel} {label} 7"), rel
     if kind == "duplicate":
         line = tree.lines[split][0]
         return tree.append(split, line), line.rsplit(" ", 1)[0]

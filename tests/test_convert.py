@@ -99,6 +99,80 @@ def test_bad_input_stops_naming_file_and_line(tree, tmp_path, kind):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_split_file_accepts_crlf_and_bom_and_diagnoses_extra_columns(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\xef\xbb\xbfa/x.jpg 1\r\nb/y.jpg 2\r\n\r\nc/z.jpg 3 4\nd/w.jpg 1\rx\n")
+    split = read_split(lst, 10)
+    assert [(e.path, e.label, e.line) for e in split.entries] == [("a/x.jpg", 1, 1), ("b/y.jpg", 2, 2)]
+    assert [(p.kind, p.where) for p in split.problems] == [
+        ("malformed", "list.txt:4 c/z.jpg 3 4"),
+        ("malformed", "list.txt:5 d/w.jpg 1 x"),
+    ]
+    assert str(split.problems[0]).endswith("malformed: expected '<path> <label>', got 3 columns")
+    assert "CR-only line ends" in split.problems[1].detail
+
+
+def test_crlf_lists_convert_like_lf_and_a_split_without_images_leaves_nothing(tree, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    from convert_places_lt import main
+
+    assert main(_tool_args(tree, tmp_path / "lf")) == 0
+    for lst in tree.lists.values():
+        lst.write_bytes(lst.read_bytes().replace(b"\n", b"\r\n"))
+    assert main([*_tool_args(tree, tmp_path / "crlf"), "--skip-bad"]) == 0
+    lf, crlf = (json.loads((tmp_path / d / "meta.json").read_text())["files"] for d in ("lf", "crlf"))
+    assert {k: v for k, v in crlf.items() if k.endswith(".tar")} == {
+        k: v for k, v in lf.items() if k.endswith(".tar")
+    }
+    capsys.readouterr()
+    # Every val line has an extra column: with --skip-bad the val split would be empty.
+    tree.lists["val"].write_text("".join(f"{line} 0\n" for line in tree.lines["val"]))
+    out = tmp_path / "out"
+    for formats in ("wds", "wds,ffcv"):
+        assert main([*_tool_args(tree, out), "--skip-bad", "--formats", formats]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: split 'val' has no usable image (first bad entry: Places_LT_val.txt:1 ")
+        assert "expected '<path> <label>', got 3 columns" in err
+        assert "\n" not in err
+        assert not out.exists()  # validated before anything is written: no report.json, no samples.tsv
+
+
+def test_written_json_is_valid_and_meta_json_carries_its_digest(tmp_path):
+    from dnet_fast.atomic import atomic_write_json
+    from dnet_fast.convert import array_input
+    from dnet_fast.data.shards import load_meta
+    from dnet_fast.shardformat import ShardDataError
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+
+    atomic_write_json(
+        tmp_path / "x.json", {"a": float("nan"), "b": [1.5, float("-inf")], "c": np.float64("inf")}
+    )
+    assert strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.5, None], "c": None}
+    rng = np.random.default_rng(0)
+    arrays = {
+        s: (rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 0, 1]))
+        for s in ("train", "val", "test")
+    }
+    inp = array_input("tiny", arrays, ("a", "b"), {"ratio": float("nan")})
+    opts = ConvertOptions(image=ImageOptions(max_side=0, mode="raw"), formats=("wds",), progress=False)
+    out = tmp_path / "out"
+    result = convert(inp, out, opts)
+    meta = strict((out / "meta.json").read_text())
+    strict((out / "report.json").read_text())
+    assert meta["provenance"]["ratio"] is None
+    assert meta == result.meta
+    with pytest.raises(ValueError, match="raw_fraction"):
+        ConvertOptions(raw_fraction=float("nan"))
+    # meta.json itself is covered by its digest: an edited class count is refused, naming the file.
+    text = (out / "meta.json").read_text()
+    (out / "meta.json").write_text(text.replace('"train": [\n   2,', '"train": [\n   3,', 1))
+    assert (out / "meta.json").read_text() != text
+    with pytest.raises(ShardDataError, match=r"meta\.json: content differs from the digest"):
+        load_meta(out)
+
+
 @pytest.mark.parametrize("kind", REPAIRED_KINDS)
 def test_repairable_images_are_converted_or_refused_when_strict(tree, tmp_path, kind):
     line, _ = make_bad(tree, kind)

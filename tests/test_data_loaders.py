@@ -150,6 +150,19 @@ def test_file_split_eval_identical_between_loaders(file_bundle):
     assert default_loader(file_bundle) == "naive"
 
 
+def test_file_split_decode_error_names_the_file(tmp_path):
+    from dnet_fast.data.base import SampleError
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    rng = np.random.Generator(np.random.PCG64(0))
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(good)
+    bad.write_bytes(good.read_bytes()[:1000])  # header intact, pixel data cut
+    split = FileSplit(tmp_path, ("good.png", "bad.png"), np.array([0, 1]))
+    assert split.image(0).size == (32, 32)
+    with pytest.raises(SampleError, match=f"^{bad}: "):
+        split.image(1)
+
+
 def test_file_split_train_batches(file_bundle):
     spec = LoaderSpec.for_bundle(file_bundle, 4, crop_size=8, seed=1)
     for name in ("resident", "naive"):

@@ -41,3 +41,6 @@ class ConvertOptions:
         if self.shard_size < 1 or self.workers < 0:
             msg = f"need shard_size >= 1 and workers >= 0, got {self.shard_size}, {self.workers}"
             raise ValueError(msg)
+        if not 0.0 <= self.raw_fraction <= 1.0:  # also refuses NaN, which meta.json could not hold
+            msg = f"raw_fraction must lie in [0, 1], got {self.raw_fraction}"
+            raise ValueError(msg)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dnet_fast.atomic import atomic_write_json
+from dnet_fast.atomic import atomic_write_json, finite_json
 from dnet_fast.convert.journal import JOURNAL_NAME, REPORT_NAME, Journal, remove_tmp_files
 from dnet_fast.convert.options import ConvertOptions
 from dnet_fast.convert.sources import Source
@@ -21,8 +21,10 @@ from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD
 from dnet_fast.data.groups import shot_groups
 from dnet_fast.shardformat import (
     META_NAME,
+    ShardDataError,
     file_ok,
     file_record,
+    meta_digest,
     read_meta,
     sample_key,
     samples_name,
@@ -83,27 +85,34 @@ def convert(inp: DatasetInput, out_dir: str | Path, opts: ConvertOptions) -> Con
     """Converts ``inp`` into ``out_dir`` (tar shards + index, optional betons, samples.tsv, report, meta.json).
 
     Every file is written under a temporary name and renamed when complete; completed units are journaled,
-    so a re-run after a crash resumes, and a re-run after success only verifies checksums.
+    so a re-run after a crash (or after fixing an image that stopped it) resumes, and a re-run after success
+    only verifies checksums. Input that can be checked without decoding (split-file lines, missing and empty
+    files, splits left without any usable entry) is checked before anything is created or deleted in
+    ``out_dir``; report.json, the sample tables and meta.json are written only when every split has images.
 
     Raises:
-        ConversionError: bad input without ``skip_bad`` (the message lists file:line of each), or ``out_dir``
-            holds a conversion made with other arguments (without ``overwrite``).
+        ConversionError: bad input without ``skip_bad`` (the message lists file:line of each), a split with no
+            usable entry, or ``out_dir`` holds a conversion made with other arguments (without ``overwrite``).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_tmp_files(out)
     fingerprint = _fingerprint(inp, opts)
-    done = _verified_meta(out, fingerprint, opts.overwrite)
+    done, resume_units = _verified_meta(out, fingerprint, opts.overwrite)
     if done is not None:
         return ConvertResult(out, done, True, [], [])
+    excluded = _precheck(inp, opts.skip_bad)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_tmp_files(out)
+    if resume_units is not None:
+        # Some file changed after conversion: the units in meta.json let the run redo just what is needed.
+        atomic_write_json(out / JOURNAL_NAME, {"fingerprint": fingerprint, "units": resume_units})
     (out / META_NAME).unlink(missing_ok=True)
     journal = Journal(out, fingerprint, keep=(META_NAME,))
-    excluded = _precheck(inp, opts.skip_bad)
     state = RunState(skipped=[*inp.problems], repaired=[])
     state.skipped.extend(p for s in excluded.values() for p in s.values())
     with worker_pool(opts) as pool:
         for split, source in inp.sources.items():
             write_split_shards(pool, out, split, source, excluded[split], opts, journal, state)
+    _check_nonempty(journal, inp, state)
     if "ffcv" in opts.formats:
         for split, source in inp.sources.items():
             _write_split_beton(out, split, source, opts, journal)
@@ -136,7 +145,7 @@ def verify_output(out_dir: str | Path) -> dict[str, Any]:
         ConversionError: meta.json missing (an unfinished or killed conversion) or a file missing/changed.
     """
     out = Path(out_dir)
-    meta = read_meta(out)
+    meta = _read_meta(out)
     if meta is None:
         msg = f"{out}: no {META_NAME}; the conversion did not finish (run the converter again to resume it)"
         raise ConversionError(msg)
@@ -147,10 +156,24 @@ def verify_output(out_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _verified_meta(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
-    meta = read_meta(out)
+def _read_meta(out: Path) -> dict[str, Any] | None:
+    try:
+        return read_meta(out)
+    except ShardDataError as err:
+        msg = f"{err} (or delete {out / META_NAME} to convert again from the journaled units)"
+        raise ConversionError(msg) from None
+
+
+def _verified_meta(
+    out: Path, fingerprint: str, overwrite: bool
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(meta of an identical complete conversion, or None; its units to resume from when some file changed).
+
+    Reads only: nothing in ``out`` is changed before the inputs are validated.
+    """
+    meta = _read_meta(out)
     if meta is None:
-        return None
+        return None, None
     if meta.get("fingerprint") != fingerprint:
         if not overwrite:
             msg = (
@@ -158,13 +181,11 @@ def _verified_meta(out: Path, fingerprint: str, overwrite: bool) -> dict[str, An
                 f"(see {out / META_NAME}); choose another output directory or pass --overwrite"
             )
             raise ConversionError(msg)
-        return None
+        return None, None
     try:
-        return verify_output(out)
+        return verify_output(out), None
     except ConversionError:
-        # Some file changed after conversion: the journal in meta.json lets the run redo just what is needed.
-        atomic_write_json(out / JOURNAL_NAME, {"fingerprint": fingerprint, "units": meta["units"]})
-        return None
+        return None, meta["units"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +205,29 @@ def _precheck(inp: DatasetInput, skip_bad: bool) -> dict[str, dict[int, Problem]
     problems = [*inp.problems, *(p for s in excluded.values() for p in s.values())]
     if problems and not skip_bad:
         raise ConversionError.from_problems(problems)
+    for split, source in inp.sources.items():
+        if len(source) == len(excluded[split]):
+            _no_images(split, list(excluded[split].values()) or _list_problems(inp, split))
     return excluded
+
+
+def _list_problems(inp: DatasetInput, split: str) -> list[Problem]:
+    """The line-level problems of ``split``'s list file (named in the provenance of split-file inputs)."""
+    name = inp.provenance.get("lists", {}).get(split, {}).get("name")
+    return [p for p in inp.problems if name and p.where.startswith(f"{name}:")] or inp.problems
+
+
+def _no_images(split: str, problems: list[Problem]) -> None:
+    example = f" (first bad entry: {problems[0]})" if problems else ""
+    msg = f"split '{split}' has no usable image{example}; nothing was converted"
+    raise ConversionError(msg)
+
+
+def _check_nonempty(journal: Journal, inp: DatasetInput, state: RunState) -> None:
+    """A split whose every image was skipped while encoding (``skip_bad``) stops before betons and tables."""
+    for split in inp.sources:
+        if not _members(journal, split):
+            _no_images(split, state.skipped)
 
 
 # Betons, samples.tsv, report and meta.json.
@@ -229,7 +272,9 @@ def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptio
 
 def _write_tsv(out: Path, split: str, source: Source, members: list[int]) -> str:
     name = samples_name(split)
-    write_samples(out / name, ((sample_key(k), source.labels[i], source.origin(i)) for k, i in enumerate(members)))
+    write_samples(
+        out / name, ((sample_key(k), source.labels[i], source.origin(i)) for k, i in enumerate(members))
+    )
     return name
 
 
@@ -252,6 +297,26 @@ def _finish(
     report = {"skipped": [asdict(p) for p in state.skipped], "repaired": state.repaired}
     atomic_write_json(out / REPORT_NAME, report)
     extra_files.append(REPORT_NAME)
+    try:
+        return _write_meta(out, inp, opts, journal, state, fingerprint, splits, counts, extra_files)
+    except BaseException:
+        # Tables and report without meta.json would look like a finished conversion's: remove them.
+        for name in extra_files:
+            (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _write_meta(
+    out: Path,
+    inp: DatasetInput,
+    opts: ConvertOptions,
+    journal: Journal,
+    state: RunState,
+    fingerprint: str,
+    splits: dict[str, Any],
+    counts: dict[str, list[int]],
+    extra_files: list[str],
+) -> dict[str, Any]:
     train_counts = np.asarray(counts["train"])
     stats = split_stats(np.repeat(np.arange(len(train_counts)), train_counts), with_groups=True)
     files = {f: rec for u in journal.units.values() for f, rec in u["files"].items()}
@@ -284,6 +349,9 @@ def _finish(
         "files": dict(sorted(files.items())),
         "units": journal.units,
     }
+    # Through JSON once: what is written (NaN as null, tuples as lists) is what the digest covers.
+    meta = json.loads(json.dumps(finite_json(meta), allow_nan=False, default=str))
+    meta["digest"] = meta_digest(meta)
     atomic_write_json(out / META_NAME, meta)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     return meta

@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 MAX_LISTED = 20  # bad entries or files named in one error message
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark that Windows editors put at the start of a text file
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Problem:
     """A bad input found while converting.
 
     Attributes:
-        kind: short machine-readable kind (``malformed``, ``crlf``, ``duplicate``, ``escapes_root``,
+        kind: short machine-readable kind (``malformed``, ``duplicate``, ``escapes_root``,
             ``label_out_of_range``, ``missing``, ``empty``, ``corrupt``, ``too_large``, ...).
         where: ``file:line path`` (or another origin) of the offending entry.
         detail: a human-readable explanation.
@@ -100,9 +101,11 @@ class SplitFile:
 def read_split(path: str | Path, num_classes: int | None = None) -> SplitFile:
     """Parses ``<relative path><space><integer class id>`` lines (SPEC §9) and validates each one.
 
-    Blank lines are ignored. A line is a problem when it ends in CR (CRLF file), lacks a label, has a
-    non-integer or out-of-range label, names an absolute path or one that climbs out of the root with
-    ``..``, or repeats an earlier path of the same file.
+    Blank lines are ignored. Windows line ends (CRLF) and a UTF-8 byte-order mark are accepted: one CR before
+    each LF and a BOM at the start are dropped (they cannot be part of a path or a label), so a list saved on
+    Windows converts exactly like the LF original. A line is a problem when it does not hold exactly two
+    whitespace-separated columns (paths contain no whitespace), has a non-integer or out-of-range label, names
+    an absolute path or one that climbs out of the root with ``..``, or repeats an earlier path of the file.
 
     Args:
         path: the split file.
@@ -115,8 +118,10 @@ def read_split(path: str | Path, num_classes: int | None = None) -> SplitFile:
     entries: list[Entry] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    # Bytes, split on LF only: CR must stay visible so that CRLF lines can be reported, not silently eaten.
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    data = path.read_bytes().removeprefix(_BOM)
+    # Split on LF only and drop one CR before it: a CR anywhere else is reported (see _parse_line).
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
         result = _parse_line(raw, lineno, path.name, num_classes)
         if result is None:
             continue
@@ -139,13 +144,13 @@ def _parse_line(raw: bytes, lineno: int, source: str, num_classes: int | None) -
         return Problem("malformed", where, "line is not valid UTF-8")
     if not text.strip():
         return None
-    if text.endswith("\r"):
-        return Problem(
-            "crlf", f"{where} {text.strip()}", "line ends with CR (CRLF file); convert it to LF line ends"
-        )
-    fields = text.strip().rsplit(maxsplit=1)
+    fields = text.split()
     if len(fields) != 2:
-        return Problem("malformed", f"{where} {text.strip()}", "expected '<relative path> <class id>'")
+        # A CR inside a line: a file with CR-only line ends (classic Mac OS), all of it read as one line.
+        hint = "; the line holds a CR (CR-only line ends?)" if "\r" in text else ""
+        shown = " ".join(fields)[:200]
+        detail = f"expected '<path> <label>', got {len(fields)} column{'s' * (len(fields) != 1)}{hint}"
+        return Problem("malformed", f"{where} {shown}", detail)
     rel, label_text = fields
     where = f"{where} {rel}"
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from dnet_fast.data.policies import Recipe
 from dnet_fast.registry import Registry
@@ -23,6 +26,7 @@ __all__ = [
     "FileSplit",
     "Loader",
     "LoaderSpec",
+    "SampleError",
     "Split",
     "TensorSplit",
 ]
@@ -34,6 +38,22 @@ DATASETS: Registry = Registry("dataset")  # name -> build(cfg: DataConfig, seed:
 LOADERS: Registry = Registry("loader")  # name -> build(split, spec: LoaderSpec) -> Loader
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x float32 (B, 3, H, W) normalised on the device, y int64 (B,))
+
+# What Pillow raises for bad image bytes: UnidentifiedImageError and truncation are OSErrors; some plugins raise
+# ValueError, SyntaxError, EOFError, struct.error or zlib.error; DecompressionBombError derives from Exception.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be decoded; the message names where it is stored (file, or shard and sample key)."""
 
 
 def _as_labels(labels: Any) -> np.ndarray:
@@ -106,6 +126,26 @@ class FileSplit:
     def path(self, i: int) -> Path:
         """Absolute path of sample ``i``."""
         return self.root / self.paths[i]
+
+    def where(self, i: int) -> str:
+        """Where sample ``i`` is stored, for messages (here: its path)."""
+        return str(self.path(i))
+
+    def image(self, i: int) -> Any:
+        """Sample ``i`` decoded as an RGB ``PIL.Image``.
+
+        Raises:
+            SampleError: the bytes cannot be decoded; the message starts with ``where(i)``.
+        """
+        source = self.path(i)
+        try:
+            with Image.open(source) as img:
+                return img.convert("RGB")
+        except _DECODE_ERRORS as err:
+            # Pillow's own text would end in the repr of an in-memory file object: name the format problem only.
+            detail = "cannot identify image file" if isinstance(err, UnidentifiedImageError) else str(err)
+            msg = f"{self.where(i)}: {detail}"
+            raise SampleError(msg) from err
 
     def subset(self, indices: np.ndarray) -> FileSplit:
         """The split restricted to ``indices`` (in that order)."""

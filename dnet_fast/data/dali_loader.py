@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from dnet_fast.data.base import LOADERS, Batch, LoaderSpec
+from dnet_fast.data.base import LOADERS, Batch, LoaderSpec, SampleError
 from dnet_fast.data.loaders import epoch_indices, num_batches, require_module, to_device_batch
 from dnet_fast.data.shards import ShardSplit
 from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, eval_size
@@ -86,7 +87,7 @@ class DaliLoader:
         self.split, self.spec = split, spec
         self.device = torch.device(spec.device)
         self._order = np.zeros(0, np.int64)
-        self._running = False
+        self._running, self._fed = False, -1  # _fed: the last iteration whose batch DALI was given
         self.pipe = self._pipeline()
         self.pipe.build()
 
@@ -124,16 +125,15 @@ class DaliLoader:
         return pipe
 
     def _stored_hw(self) -> tuple[int, int]:
-        from PIL import Image
-
-        with Image.open(self.split.open(0)) as img:
-            return img.size[1], img.size[0]
+        w, h = self.split.image(0).size
+        return h, w
 
     def _source(self, info: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
         bs = self.spec.batch_size
         rows = self._order[info.iteration * bs : (info.iteration + 1) * bs]
         if len(rows) == 0:
             raise StopIteration
+        self._fed = max(self._fed, info.iteration)
         reader = self.split.reader()
         enc = [np.frombuffer(reader.image_bytes(int(self.split.rows[i])), dtype=np.uint8) for i in rows]
         return enc, [self.split.labels[i : i + 1] for i in rows]
@@ -149,18 +149,38 @@ class DaliLoader:
         spec = self.spec
         order = epoch_indices(self.split.labels, spec, epoch)[: len(self) * spec.batch_size]
         self._order = order[start * spec.batch_size :]
-        self._running = True
-        while True:
+        self._running, self._fed = True, -1
+        for done in itertools.count():
             try:
                 images, labels = self.pipe.run()
             except StopIteration:
                 break
+            except RuntimeError as err:
+                raise self._decode_failure(err, done) from err
             # x: train (B, 3, h, w) float32, eval (B, h, w, 3) uint8
             x = to_torch_tensor(images.as_tensor(), copy=True)
             y = to_torch_tensor(labels.as_tensor(), copy=True).view(-1)
             yield to_device_batch(x, y, spec)
         self.pipe.reset()
         self._running = False
+
+    def _decode_failure(self, err: RuntimeError, done: int) -> Exception:
+        """The error to raise for a failed batch: DALI's decoder names no sample, so the batches fed to it but not
+        returned yet (``done`` were returned) are decoded with Pillow to find the one that is bad."""
+        text = str(err)
+        if "decoders" not in text:
+            return err  # not a decoding failure: DALI's own error
+        bs = self.spec.batch_size
+        suspects = [int(i) for i in self._order[done * bs : (max(self._fed, done) + 1) * bs]]
+        for i in suspects:
+            try:
+                self.split.image(i)
+            except SampleError as bad:
+                return bad
+        lines = [ln.strip() for ln in text.split("encountered:", 1)[-1].splitlines() if ln.strip()]
+        first, last = self.split.where(suspects[0]), self.split.where(suspects[-1])
+        detail = lines[0] if lines else "decoding failed"
+        return SampleError(f"DALI could not decode one of the samples from {first} to {last}: {detail}")
 
     def _finish_epoch(self) -> None:
         # An epoch abandoned midway still has prefetched batches queued: run it out before the next one.

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dnet_fast import sampling
-from dnet_fast.data.base import LOADERS, Batch, DataBundle, FileSplit, LoaderSpec, TensorSplit
+from dnet_fast.data.base import LOADERS, Batch, DataBundle, FileSplit, LoaderSpec, SampleError, TensorSplit
 from dnet_fast.data.transforms import (
     batch_generator,
     draw_params,
@@ -85,11 +85,10 @@ def require_module(name: str, hint: str) -> None:
 
 
 def open_image(split: TensorSplit | FileSplit, i: int) -> Image.Image:
-    """Sample ``i`` of a split as an RGB PIL image."""
+    """Sample ``i`` of a split as an RGB PIL image (a decode error names the file, or the shard and sample)."""
     if isinstance(split, TensorSplit):
         return Image.fromarray(split.images[i].numpy(), "RGB")
-    with Image.open(split.path(i)) as img:
-        return img.convert("RGB")
+    return split.image(i)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,8 +246,15 @@ class NaiveLoader:
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch`` from batch index ``start`` on (mid-epoch resume); see ``Loader``."""
         self._keys.epoch, self._keys.start = epoch, start
-        for pixels, labels in self._loader:
-            yield to_device_batch(pixels, labels, self.spec)
+        try:
+            for pixels, labels in self._loader:
+                yield to_device_batch(pixels, labels, self.spec)
+        except SampleError as err:
+            text = str(err).rstrip()
+            if "\n" not in text:
+                raise
+            # From a worker the error arrives with its whole traceback as the text: keep the line naming the sample.
+            raise SampleError(text.rsplit("SampleError: ", 1)[-1]) from None
 
 
 @LOADERS.register("resident")

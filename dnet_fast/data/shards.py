@@ -13,7 +13,16 @@ import torch
 from dnet_fast.config import DataConfig
 from dnet_fast.data.base import DATASETS, DataBundle, FileSplit, TensorSplit
 from dnet_fast.data.splits import draw_per_class
-from dnet_fast.shardformat import META_NAME, ShardReader, file_ok, read_meta, read_samples
+from dnet_fast.shardformat import (
+    META_NAME,
+    ShardReader,
+    file_ok,
+    read_meta,
+    read_samples,
+    sample_sources,
+    samples_name,
+)
+from dnet_fast.shardverify import verify_checksums
 
 __all__ = ["ShardSplit", "build_shards", "decode_split", "load_meta", "open_split"]
 
@@ -53,6 +62,13 @@ class ShardSplit(FileSplit):
         """Same as ``open``: loaders pass it to ``PIL.Image.open``."""
         return self.open(i)
 
+    def where(self, i: int) -> str:
+        """``<tar>: sample <key> (source <path>)`` of sample ``i``, for messages (reads samples.tsv once more)."""
+        row = int(self.rows[i])
+        sources = sample_sources(Path(self.root) / samples_name(self.name))
+        source = sources[row] if row < len(sources) else "?"
+        return f"{self.reader().tar_of(row)}: sample {self.paths[i]} (source {source})"
+
     def subset(self, indices: np.ndarray) -> ShardSplit:
         """The split restricted to ``indices`` (in that order), sharing the shards."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -79,12 +95,15 @@ class ShardSplit(FileSplit):
 
 
 def load_meta(root: str | Path) -> dict[str, Any]:
-    """Reads ``root/meta.json`` and checks that every recorded file is present with its recorded size.
+    """Reads ``root/meta.json`` and checks every recorded file: present, recorded size, recorded SHA-256.
 
-    (Full checksums: ``dnet_fast.convert.verify_output``.)
+    The checksums are verified once per file and machine (``dnet_fast.shardverify``: later calls only ``stat``
+    files that passed), so a file damaged after conversion stops the caller before any data is trusted.
 
     Raises:
         FileNotFoundError: no meta.json (not a converted directory, or an interrupted conversion) or a file gone.
+        ShardDataError: meta.json is damaged, or a file's SHA-256 differs from it (``ShardIntegrityError``);
+            one line naming the file.
     """
     root = Path(root)
     meta = read_meta(root)
@@ -95,11 +114,15 @@ def load_meta(root: str | Path) -> dict[str, Any]:
         if not file_ok(root / name, rec, checksum=False):
             msg = f"{root}: {name} is missing or has changed size since conversion (see {root / META_NAME})"
             raise FileNotFoundError(msg)
+    verify_checksums(root, meta["files"])
     return meta
 
 
 def open_split(root: str | Path, name: str, meta: dict[str, Any] | None = None) -> ShardSplit:
-    """The stored split ``name`` of a converted directory as a ShardSplit (labels from ``<name>.samples.tsv``)."""
+    """The stored split ``name`` of a converted directory as a ShardSplit (labels from ``<name>.samples.tsv``).
+
+    Without ``meta`` the directory is checked first (:func:`load_meta`); a given ``meta`` is trusted as checked.
+    """
     root = Path(root).resolve()
     meta = meta if meta is not None else load_meta(root)
     info = meta["splits"][name]
@@ -118,12 +141,7 @@ def open_split(root: str | Path, name: str, meta: dict[str, Any] | None = None) 
 
 def decode_split(split: ShardSplit) -> TensorSplit:
     """Decodes every image of ``split`` as stored (all must have one size, e.g. CIFAR) into a TensorSplit."""
-    from PIL import Image
-
-    arrays = []
-    for i in range(len(split)):
-        with Image.open(split.open(i)) as img:
-            arrays.append(np.asarray(img.convert("RGB")))
+    arrays = [np.asarray(split.image(i)) for i in range(len(split))]
     return TensorSplit(torch.from_numpy(np.stack(arrays)), split.labels)
 
 
