@@ -243,6 +243,8 @@ def init_from_env(device: torch.device, timeout_s: float, *, capture: bool = Fal
             if capture and GRAPH_UNDER_DDP:
                 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_rank() != 0:
+        logging.getLogger("dnet_fast").setLevel(logging.ERROR)  # warnings once, from rank 0; errors from every rank
     return Collective(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD)
 
 

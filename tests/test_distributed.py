@@ -174,6 +174,14 @@ def test_resume_under_torchrun_after_a_kill_is_bit_exact(tmp_path):
     assert (tmp_path / "a" / "history.jsonl").read_bytes() == (tmp_path / "b" / "history.jsonl").read_bytes()
     results = [(tmp_path / r / "results.json").read_text() for r in ("a", "b")]
     assert json.loads(results[0])["test"] == json.loads(results[1])["test"]
+    # the 2-rank evaluation (counts summed over ranks) is the one-process evaluation of the checkpoint
+    from dnet_fast.evaluation import evaluate_checkpoint
+
+    alone = evaluate_checkpoint(tmp_path / "a" / "last.pt", device="cpu")
+    assert alone["per_class"] == json.loads(results[0])["test"]["per_class"]
+    # any world size loads the checkpoint: one more epoch on one process
+    more = fit(load_config(None, [*tiny, "optim.epochs=3", f"run.out_dir={tmp_path / 'a'}"]), resume=True)
+    assert more["epochs_done"] == 3
     info = json.loads((tmp_path / "a" / "distributed.json").read_text())
     assert (info["world_size"], info["backend"], info["global_batch"]) == (2, "gloo", 32)
     # rank 0 alone writes: one line per logged step, one history row per refresh
@@ -206,6 +214,19 @@ def test_mwn_refuses_torchrun_with_a_reason():
     meta = META_MODES.get("mwn")(meta_config("mwn"), model, worker.CrossEntropy(),
                                  torch.optim.SGD(model.parameters(), lr=0.1), 5)
     with pytest.raises(ValueError, match=r"meta\.mode=mwn cannot run under torchrun: its weights"):
+        meta.use_collective(Collective(rank=0, world_size=2, group=object()))
+
+
+def test_a_subclass_of_a_supported_mode_must_declare_its_own_support():
+    from dnet_fast.meta import ExactMode
+    from tests.helpers import TinyNet, meta_config
+
+    class Variant(ExactMode):
+        pass
+
+    model = TinyNet().double()
+    meta = Variant(meta_config("exact"), model, worker.CrossEntropy(), torch.optim.SGD(model.parameters(), lr=0.1), 5)
+    with pytest.raises(ValueError, match="does not declare torchrun support"):
         meta.use_collective(Collective(rank=0, world_size=2, group=object()))
 
 

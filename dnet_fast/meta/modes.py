@@ -77,7 +77,9 @@ class MetaMode:
     Attributes:
         needs_meta_batch: whether ``step`` needs a balanced meta batch.
         distributed_problem: why the mode cannot run under torchrun, or None when its step reduces through
-            ``collective`` so that N ranks compute the single-process step of the global batch.
+            ``collective`` so that N ranks compute the single-process step of the global batch. Read from the
+            mode's own class, never inherited: a new mode, even a subclass of a supported one, is refused until it
+            declares how its step reduces.
         diffnet: Difficulty-Net (driver, exact) or None.
         acc: (C,) static buffer with the per-class accuracy A, refreshed in place.
         collective: the ranks' reductions (`use_collective`); ``distributed.LOCAL``, a no-op, on one process.
@@ -114,8 +116,9 @@ class MetaMode:
         Raises:
             ValueError: the mode cannot run distributed (``distributed_problem``).
         """
-        if collective.distributed and self.distributed_problem is not None:
-            msg = f"meta.mode={self.cfg.meta.mode} cannot run under torchrun: {self.distributed_problem}"
+        problem = type(self).__dict__.get("distributed_problem", MetaMode.distributed_problem)
+        if collective.distributed and problem is not None:
+            msg = f"meta.mode={self.cfg.meta.mode} cannot run under torchrun: {problem}"
             raise ValueError(msg)
         self.collective = collective
 
@@ -300,6 +303,8 @@ class ExactMode(DriverMode):
     """
 
     needs_meta_batch = True
+    # g, v, L_meta and θ's gradient are averaged over ranks (meta.gradient, aux_step's average).
+    distributed_problem = None
 
     def __init__(
         self,
