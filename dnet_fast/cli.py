@@ -108,14 +108,17 @@ def _split_preset(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dnet_fast import distributed
     from dnet_fast.config import load_config
     from dnet_fast.engine import fit
     from dnet_fast.report import format_results
 
     _split_preset(args)
     cfg = load_config(args.preset, _train_overrides(args))
-    results = fit(cfg, resume=args.resume)
-    print(format_results(results, cfg.run.out_dir))
+    with distributed.reported("dnet-fast train"):  # under torchrun: errors name the rank; no-op otherwise
+        results = fit(cfg, resume=args.resume)
+    if distributed.env_rank() == 0:
+        print(format_results(results, cfg.run.out_dir))
     return 0
 
 

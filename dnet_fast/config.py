@@ -99,6 +99,7 @@ class ModelConfig:
     pretrained: str = ""  # torchvision-layout .pth file to load into the backbone ("" = random init)
     width: int = 16  # first-stage width of CIFAR ResNets (channels)
     channels_last: bool = False  # use the channels_last memory format
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (global batch statistics; CUDA, off/driver modes only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     compile: bool = False  # torch.compile the backbone
     graph: str = "auto"  # CUDA-graph step: auto | on | off
+    dist_timeout: int = 600  # under torchrun: seconds a collective waits for the other ranks before failing
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +300,7 @@ def _check_run(c: TrainConfig) -> None:
     _choice(r.select, "run.select", SELECTIONS)
     _require(r.threads >= 0, "run.threads", "must be >= 0")
     _choice(r.graph, "run.graph", GRAPH_CHOICES)
+    _require(r.dist_timeout >= 1, "run.dist_timeout", f"must be >= 1 second, got {r.dist_timeout}")
 
 
 _CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dnet_fast import distributed
 from dnet_fast.checkpoint import (
     PROGRESS_KEYS,
     check_resumable,
@@ -21,6 +22,7 @@ from dnet_fast.checkpoint import (
 )
 from dnet_fast.config import TrainConfig, config_to_dict
 from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, Recipe, make_loader
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.evaluation import class_accuracy, evaluate, evaluate_from_accuracy, resolve_device
 from dnet_fast.history import HistoryWriter
 from dnet_fast.plugins import check_names
@@ -59,6 +61,7 @@ class Session:
     stack: TrainingStack  # model, optimiser, loss, meta mode, step
     loader: Any  # a dnet_fast.data Loader
     valset: MetaSet  # the val (= meta) images, eval-transformed once and kept on the device
+    dist: Collective = LOCAL  # this process's rank under torchrun (dnet_fast.distributed); LOCAL otherwise
 
     @property
     def device(self) -> torch.device:
@@ -74,28 +77,35 @@ def recipe_of(cfg: TrainConfig) -> Recipe:
                   cutout=d.cutout)
 
 
-def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
+def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool,
+                 dist: Collective = LOCAL) -> LoaderSpec:
     overrides = {} if cfg.data.augment == "auto" else {"augment": cfg.data.augment}
     return LoaderSpec.for_bundle(
         bundle, cfg.optim.batch_size if train else cfg.run.eval_batch, device=device, seed=cfg.run.seed,
         workers=cfg.data.workers, crop_size=cfg.data.crop_size, train=train, num_epochs=cfg.optim.epochs,
-        recipe=recipe_of(cfg), **overrides,
+        recipe=recipe_of(cfg), rank=dist.rank, world_size=dist.world_size, **overrides,
     )
 
 
 def build_session(cfg: TrainConfig) -> Session:
     """Builds data, the training stack and the loaders for ``cfg`` (validated; plugin names are checked here).
 
+    Under torchrun it first joins the process group (``distributed.init_from_env``): the stack is then one rank's
+    (DDP), and the loader reads this rank's shard of every epoch.
+
     Raises:
         ValueError: a plugin name is unknown, or the training set holds fewer images than one batch.
     """
     check_names(cfg)
     device = resolve_device(cfg.run.device)
+    dist = distributed.init_from_env(device, cfg.run.dist_timeout, capture=cfg.run.graph != "off")
+    device = dist.device(device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
-    stack = build_stack(cfg, bundle.class_counts, device)
-    loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
+    stack = build_stack(cfg, bundle.class_counts, device, collective=dist)
+    loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True, dist=dist),
+                         bundle)
     if len(loader) == 0:
         msg = (f"invalid config value optim.batch_size: {cfg.optim.batch_size} is larger than the training set "
                f"({len(bundle.train)} images): every epoch would run zero iterations")
@@ -104,15 +114,18 @@ def build_session(cfg: TrainConfig) -> Session:
         bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
         crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
     )
-    return Session(cfg, bundle, stack, loader, valset)
+    return Session(cfg, bundle, stack, loader, valset, dist)
 
 
 def _val_accuracy(s: Session) -> torch.Tensor:
-    """A_C on the device-resident val set (no re-decoding per epoch)."""
-    n, bs = len(s.valset), s.cfg.run.eval_batch
-    batches = ((s.valset.images[i : i + bs], s.valset.labels[i : i + bs]) for i in range(0, n, bs))
-    shown = progress(batches, total=-(-n // bs), desc="A_C (val)", images_per_item=bs, enabled=s.cfg.run.progress)
-    return class_accuracy(s.stack.model, shown, s.bundle.num_classes, s.cfg, s.device)
+    """A_C on the device-resident val set (no re-decoding per epoch); under torchrun each rank counts its share
+    and the counts are summed, so every rank gets the same A_C."""
+    images, labels = s.dist.shard(s.valset.images), s.dist.shard(s.valset.labels)
+    n, bs = len(labels), s.cfg.run.eval_batch
+    batches = ((images[i : i + bs], labels[i : i + bs]) for i in range(0, n, bs))
+    shown = progress(batches, total=-(-n // bs), desc="A_C (val)", images_per_item=bs,
+                     enabled=s.cfg.run.progress and s.dist.is_main)
+    return class_accuracy(s.stack.model, shown, s.bundle.num_classes, s.cfg, s.device, collective=s.dist)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,10 +189,11 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog, history:
     s.stack.model.train()
     start, images = time.perf_counter(), 0
     batches = progress(s.loader.batches(epoch), total=len(s.loader), desc=f"epoch {epoch}",
-                       images_per_item=cfg.optim.batch_size, enabled=cfg.run.progress)
+                       images_per_item=cfg.optim.batch_size * s.dist.world_size,
+                       enabled=cfg.run.progress and s.dist.is_main)
     stats: dict[str, torch.Tensor] = {}
     step.counter.reset()
-    train_counts = TrainCounts(step.counter)
+    train_counts = TrainCounts(step.counter, s.dist)
     for x, y in batches:
         if cfg.meta.acc_every and global_step % cfg.meta.acc_every == 0 and global_step > 0:
             guard.check()  # a diverged model's accuracy is not fed back
@@ -189,18 +203,23 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog, history:
                 history.append(history_row(s.stack, cfg.diffnet.normalize, global_step, epoch, acc,
                                            train_counts.accuracy(), measured=True))
                 train_counts.mark()
-        meta_batch = s.valset.batch(global_step, cfg.meta.meta_batch) if meta.needs_meta_batch else None
+        # Under torchrun rank r draws batch step·N + r of the meta stream: the ranks never share a batch.
+        meta_step = s.dist.stream_index(global_step)
+        meta_batch = s.valset.batch(meta_step, cfg.meta.meta_batch) if meta.needs_meta_batch else None
         stats = _scalars(step.step(x, y, meta_batch))
         global_step += 1
         images += y.shape[0]
         if global_step % cfg.run.log_every == 0:
             guard.check()
-            log.log("train", global_step, {**stats, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
+            logged = s.dist.mean_scalars(stats)  # the global batch's loss under torchrun
+            log.log("train", global_step, {**logged, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
     guard.check()  # before anything of this epoch is evaluated or checkpointed
     seconds = time.perf_counter() - start
-    correct, total = step.counter.correct.sum(), step.counter.total.sum()
+    correct, total = s.dist.summed(step.counter.correct.sum(), step.counter.total.sum())
+    images *= s.dist.world_size  # every rank's batches: the run's throughput
     epoch_stats = {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
-                   "train_top1": correct / total.clamp_min(1), **{f"last_{k}": v for k, v in stats.items()}}
+                   "train_top1": correct / total.clamp_min(1),
+                   **{f"last_{k}": v for k, v in s.dist.mean_scalars(stats).items()}}
     return global_step, epoch_stats, train_counts.accuracy()
 
 
@@ -231,6 +250,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     if resume and not cfg.run.out_dir:
         msg = "--resume needs the run to continue: set run.out_dir=RUN_DIR"
         raise ValueError(msg)
+    if distributed.launched() and not cfg.run.out_dir:
+        msg = "under torchrun every rank must write to the same run: set run.out_dir=RUN_DIR"
+        raise ValueError(msg)
     cfg = resolve_run_dir(cfg)
     out = Path(cfg.run.out_dir)
     state = None
@@ -245,11 +267,13 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         set_rng_state(state["rng"])
         progress_state = {k: state[k] for k in PROGRESS_KEYS}
         s.stack.step.reset()  # the optimizer's state tensors were replaced: rebind the static step to them
-    log = RunLog(out, tensorboard=cfg.run.tensorboard,
+    log = RunLog(out, tensorboard=cfg.run.tensorboard, enabled=s.dist.is_main,
                  resume=None if state is None else (progress_state["global_step"], progress_state["epoch"]))
     log.write_config(cfg)
     log.write_json("meta_set.json", {"indices": [int(i) for i in s.valset.indices]})
-    history = HistoryWriter(out, s.bundle.num_classes, resume_step=None if state is None else progress_state["global_step"])
+    if s.dist.distributed:
+        log.write_json("distributed.json", _distributed_info(s))
+    history = _history_writer(s, out, None if state is None else progress_state["global_step"])
     try:
         results = _run(s, out, log, history, progress_state, stop_after)
     finally:
@@ -296,13 +320,15 @@ def _run(s: Session, out: Path, log: RunLog, history: HistoryWriter, progress_st
         _install_accuracy(s, epoch + 1, acc)
         history.append(history_row(s.stack, cfg.diffnet.normalize, global_step, epoch + 1, acc, train_acc,
                                    measured=True))
-        state = run_state(config_to_dict(cfg), s.stack.meta.state_dict(), progress_state)
-        save_checkpoint(out / "last.pt", state)
-        if cfg.run.select == "val" and improved:
-            save_checkpoint(out / "best.pt", state)
-        elapsed = time.perf_counter() - started
-        print(epoch_line(epoch, cfg.optim.epochs, row, eta_s=elapsed / (epoch + 1 - first) * (last - epoch - 1)),
-              flush=True)
+        if s.dist.is_main:  # the ranks' states are equal; any world size can load the file
+            state = run_state(config_to_dict(cfg), s.stack.meta.state_dict(), progress_state)
+            save_checkpoint(out / "last.pt", state)
+            if cfg.run.select == "val" and improved:
+                save_checkpoint(out / "best.pt", state)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (epoch + 1 - first) * (last - epoch - 1)
+            print(epoch_line(epoch, cfg.optim.epochs, row, eta_s=eta), flush=True)
+        s.dist.barrier()  # the files exist before any rank may read them
     results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
     log.write_json("results.json", results)
     return results
@@ -323,7 +349,29 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
         results["selected"] = f"best val (epoch {progress_state['best_epoch']})"
     else:
         results["selected"] = "last epoch"
-    print(f"test: evaluating {len(s.bundle.test)} images ({results['selected']})", flush=True)
-    test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device, show_progress=s.cfg.run.progress)
+    if s.dist.is_main:
+        print(f"test: evaluating {len(s.bundle.test)} images ({results['selected']})", flush=True)
+    test = evaluate(s.stack.model, s.bundle.test, s.bundle, s.cfg, s.device, collective=s.dist,
+                    show_progress=s.cfg.run.progress and s.dist.is_main)
     results["test"] = {**test.as_dict(), "per_class": list(test.per_class)}
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: rank 0 writes (dnet_fast.distributed)
+
+
+def _history_writer(s: Session, out: Path, resume_step: int | None) -> HistoryWriter | distributed.MutedHistory:
+    """The history writer on rank 0; on the other ranks a muted one that starts at rank 0's last step."""
+    history = HistoryWriter(out, s.bundle.num_classes, resume_step=resume_step) if s.dist.is_main else None
+    last_step = s.dist.broadcast_object(history.last_step if history is not None else None)
+    return history if history is not None else distributed.MutedHistory(last_step)
+
+
+def _distributed_info(s: Session) -> dict[str, Any]:
+    """distributed.json: how the run was spread (one iteration = one step of the global batch)."""
+    n, b = s.dist.world_size, s.cfg.optim.batch_size
+    return {"world_size": n, "backend": torch.distributed.get_backend(s.dist.group), "batch_per_rank": b,
+            "global_batch": n * b, "meta_batch_per_rank": s.cfg.meta.meta_batch,
+            "global_meta_batch": n * s.cfg.meta.meta_batch, "sync_bn": s.cfg.model.sync_bn,
+            "graph": s.stack.step.graph}

@@ -16,6 +16,7 @@ from torch import nn
 from dnet_fast.checkpoint import CheckpointError, load_checkpoint
 from dnet_fast.config import TrainConfig, config_from_dict
 from dnet_fast.data import DATASETS, DataBundle, eval_batches, group_accuracies
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
@@ -58,32 +59,42 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def class_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                   cfg: TrainConfig, device: torch.device, *, counter: Any = None) -> torch.Tensor:
+                   cfg: TrainConfig, device: torch.device, *, counter: Any = None,
+                   collective: Collective = LOCAL) -> torch.Tensor:
     """Per-class accuracy (C,) of ``model`` over ``batches`` in eval mode.
 
     Counted by ``metrics.class_counter``: the C++ host counter on the CPU (the engine benchmark's ``acc_pass``
     point measures the choice), ``index_add_`` on the device elsewhere; ``counter`` overrides it. Non-finite
-    logits count as wrong.
+    logits count as wrong. Under torchrun ``batches`` are this rank's share: rank 0's buffers are broadcast
+    first (every rank evaluates the same model) and the per-class counts are summed over ranks, so every rank
+    returns the accuracy of the whole set.
     """
     was_training = model.training
     model.eval()
+    collective.broadcast_buffers(model)
     counter = class_counter(num_classes, device) if counter is None else counter
     for x, y in batches:
         with _autocast(cfg, device):
             logits = model(_memory_format(x, cfg))
         counter.update(logits.float(), y)
+    collective.sum_([counter.correct, counter.total])
     model.train(was_training)
     return counter.per_class_accuracy()
 
 
 def evaluate(model: nn.Module, split: Any, bundle: DataBundle, cfg: TrainConfig, device: torch.device, *,
-             show_progress: bool = False) -> EvalResult:
-    """Balanced top-1 and many/medium/few accuracies (groups from the training counts); ``show_progress``: a
-    progress bar over the batches (on a terminal)."""
+             collective: Collective = LOCAL, show_progress: bool = False) -> EvalResult:
+    """Balanced top-1 and many/medium/few accuracies (groups from the training counts).
+
+    Under torchrun every rank evaluates its share ``r, r + N, ...`` of ``split`` (`class_accuracy` sums the
+    counts). ``show_progress``: a progress bar over the batches (on a terminal).
+    """
+    shard = split.subset(collective.shard_indices(len(split))) if collective.distributed else split
     bs = cfg.run.eval_batch
-    batches = progress(eval_batches(split, bundle, bs, device, cfg.data.crop_size), total=-(-len(split) // bs),
+    batches = progress(eval_batches(shard, bundle, bs, device, cfg.data.crop_size), total=-(-len(shard) // bs),
                        desc="eval", images_per_item=bs, enabled=show_progress)
-    return evaluate_from_accuracy(class_accuracy(model, batches, bundle.num_classes, cfg, device), split, bundle)
+    acc = class_accuracy(model, batches, bundle.num_classes, cfg, device, collective=collective)
+    return evaluate_from_accuracy(acc, split, bundle)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:

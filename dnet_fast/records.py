@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.history import HistoryRow
 from dnet_fast.meta import class_weights
 from dnet_fast.stack import TrainingStack
@@ -38,10 +39,11 @@ def _difficulties(stack: TrainingStack, normalize: str) -> np.ndarray | None:
 
 
 class TrainCounts:
-    """Per-class train accuracy over the batches since the last refresh, from the step's running counters."""
+    """Per-class train accuracy over the batches since the last refresh, from the step's running counters
+    (summed over ranks under torchrun)."""
 
-    def __init__(self, counter: Any) -> None:
-        self.counter = counter
+    def __init__(self, counter: Any, dist: Collective = LOCAL) -> None:
+        self.counter, self.dist = counter, dist
         self.mark()
 
     def mark(self) -> None:
@@ -50,8 +52,8 @@ class TrainCounts:
 
     def accuracy(self) -> np.ndarray:
         """(C,) accuracy since the mark; NaN for classes without a sample in the interval."""
-        correct = (self.counter.correct - self._since[0]).double().cpu()  # sync point
-        total = (self.counter.total - self._since[1]).double().cpu()
+        correct, total = self.dist.summed(self.counter.correct - self._since[0], self.counter.total - self._since[1])
+        correct, total = correct.double().cpu(), total.double().cpu()  # sync point
         return torch.where(total > 0, correct / total.clamp_min(1), torch.nan).numpy()
 
 

@@ -32,7 +32,7 @@ def _plain(value: Any) -> Any:
 
 
 class RunLog:
-    """Writes the run directory's files; one instance per run (rank 0 only).
+    """Writes the run directory's files; one instance per run, writing on rank 0 only.
 
     Args:
         out_dir: the run directory, created if needed.
@@ -40,12 +40,19 @@ class RunLog:
         resume: ``(global_step, epochs_done)`` of the checkpoint a resumed run continues from: metrics.jsonl is
             first rewritten (atomically) without the rows a killed run logged after that checkpoint, so no step
             appears twice, and TensorBoard purges its events past the step. None: a fresh run.
+        enabled: False on the other ranks of a torchrun run: nothing is created and every method returns.
     """
 
     def __init__(
-        self, out_dir: str | Path, *, tensorboard: bool = True, resume: tuple[int, int] | None = None
+        self, out_dir: str | Path, *, tensorboard: bool = True, resume: tuple[int, int] | None = None,
+        enabled: bool = True,
     ) -> None:
         self.dir = Path(out_dir)
+        self.enabled = enabled
+        self._jsonl: Any = None
+        self._tb: Any = None
+        if not enabled:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "metrics.jsonl"
         if resume is not None and path.is_file():
@@ -56,16 +63,22 @@ class RunLog:
 
     def write_config(self, cfg: TrainConfig) -> None:
         """Saves the resolved config as ``config.yaml`` and the environment as ``env.json``."""
+        if not self.enabled:
+            return
         with atomic_open(self.dir / "config.yaml", "w") as f:
             f.write(dump_yaml(cfg))
         self.write_json("env.json", environment())
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
         """Writes ``payload`` to ``out_dir/name`` atomically."""
+        if not self.enabled:
+            return
         atomic_write_json(self.dir / name, payload, indent=2, default=_plain)
 
     def log(self, kind: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends one ``{"kind", "step", ...}`` line to metrics.jsonl and the scalars to TensorBoard."""
+        if not self.enabled:
+            return
         row = {"kind": kind, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
@@ -76,6 +89,8 @@ class RunLog:
 
     def close(self) -> None:
         """Flushes and closes the files."""
+        if not self.enabled:
+            return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

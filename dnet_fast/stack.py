@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dnet_fast import distributed
 from dnet_fast.config import TrainConfig
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.losses import PerSampleLoss, build_loss
 from dnet_fast.meta import META_MODES, MetaMode, build_meta_mode
 from dnet_fast.models import build_model, param_groups
@@ -73,21 +75,50 @@ def _forward(cfg: TrainConfig, model: nn.Module) -> nn.Module | None:
     return torch.compile(model)
 
 
-def build_stack(cfg: TrainConfig, class_counts: np.ndarray, device: torch.device | str) -> TrainingStack:
+def _distributed_forward(cfg: TrainConfig, model: nn.Module, collective: Collective, graph: bool) -> nn.Module:
+    """Under torchrun: the DDP module (compiled when ``run.compile`` applies) as the real forward."""
+    ddp = distributed.data_parallel(model, collective, capture=graph)
+    compiled = _forward(cfg, ddp)
+    return ddp if compiled is None else compiled
+
+
+def _graph(cfg: TrainConfig, device: torch.device, collective: Collective) -> bool:
+    graph = resolve_graph(cfg.run.graph, device)
+    reason = distributed.graph_fallback_reason(graph, collective)
+    if reason is not None:
+        if collective.is_main:
+            log.warning("run.graph=%s: %s", cfg.run.graph, reason)
+        return False
+    return graph
+
+
+def build_stack(
+    cfg: TrainConfig, class_counts: np.ndarray, device: torch.device | str, *, collective: Collective = LOCAL
+) -> TrainingStack:
     """Builds the stack of ``cfg`` (validated, names checked) for a dataset with ``class_counts`` (C,).
 
     Seeds torch with ``run.seed`` first: the model's and then the auxiliary net's initialisation are a pure
-    function of the config. Build it before restoring a checkpoint (or call ``step.reset()`` afterwards).
+    function of the config. Build it before restoring a checkpoint (or call ``step.reset()`` afterwards). With a
+    distributed ``collective`` (torchrun) the model gets SyncBatchNorm if ``model.sync_bn``, the real forward is
+    its `DistributedDataParallel` module, the meta mode reduces through ``collective``, and the step is eager
+    until the CUDA-graph step under DDP is verified (`distributed.graph_fallback_reason`).
     """
     device = torch.device(device)
     torch.manual_seed(cfg.run.seed)  # model initialisation; Difficulty-Net's follows in the same stream
     num_classes = len(class_counts)
     model = build_model(cfg.model, num_classes).to(device)
+    if collective.distributed:
+        model = distributed.prepare_model(model, cfg, collective)
     optimizer = build_optimizer(cfg, model, device)
     criterion = build_loss(cfg.loss, class_counts, cfg.optim.epochs).to(device)
-    meta = build_meta_mode(cfg, model, criterion, optimizer, num_classes, forward=_forward(cfg, model))
+    graph, warmup = _graph(cfg, device, collective), {}
+    if collective.distributed:
+        forward = _distributed_forward(cfg, model, collective, graph)
+        meta = build_meta_mode(cfg, model, criterion, optimizer, num_classes, forward=forward, collective=collective)
+        warmup = {"warmup_iters": distributed.DDP_CAPTURE_WARMUP}  # used only by a capture
+    else:
+        meta = build_meta_mode(cfg, model, criterion, optimizer, num_classes, forward=_forward(cfg, model))
     step = TrainStep(
-        meta, graph=resolve_graph(cfg.run.graph, device), precision=cfg.run.precision,
-        channels_last=cfg.model.channels_last,
+        meta, graph=graph, precision=cfg.run.precision, channels_last=cfg.model.channels_last, **warmup,
     )
     return TrainingStack(model, optimizer, criterion, meta, step)

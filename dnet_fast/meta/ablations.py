@@ -57,6 +57,9 @@ class FrozenMode(ClassWeightMode):
         cfg, model, criterion, optimizer, num_classes, diffnet, forward: as `ClassWeightMode`.
     """
 
+    # Only the real step: DDP averages its gradients; D is fixed and identical on every rank.
+    distributed_problem = None
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -104,6 +107,7 @@ class ExactAbsoluteMode(ExactMode):
     """
 
     relative_target = False
+    distributed_problem = None  # reduces exactly as ExactMode (same phases, same collective)
 
     def __init__(
         self,
@@ -162,6 +166,9 @@ class ExactSampleMode(MetaMode):
     """
 
     needs_meta_batch = True
+    distributed_problem = (
+        "D^sample reads this rank's b losses; the global batch of N·b would need a net of width N·b (not offered)"
+    )
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.meta.forward_ad import ClosedFormBatchNorm, quiet_jvp
 from dnet_fast.meta.phases import (
     Params,
@@ -55,7 +56,11 @@ def functional_layout(x: Tensor) -> Tensor:
 
 
 class Inner(NamedTuple):
-    """The inner problem of one iteration: the classifier at φ_t, its step sizes and its training batch."""
+    """The inner problem of one iteration: the classifier at φ_t, its step sizes and its training batch.
+
+    Under torchrun x, y are this rank's share of the global batch, ``denominator`` is the rank's Z/N and
+    ``collective`` averages what the meta-gradient computes over ranks (`dnet_fast.distributed`).
+    """
 
     model: nn.Module
     criterion: nn.Module  # per-sample loss, (B, C) logits → (B,)
@@ -64,6 +69,7 @@ class Inner(NamedTuple):
     x: Tensor  # (B, 3, H, W)
     y: Tensor  # (B,)
     denominator: Tensor | None  # Z of the reduction (None: B), see ``PerSampleLoss.denominator``
+    collective: Collective = LOCAL  # the ranks' reductions; a no-op on one process
 
 
 class MetaGrad(NamedTuple):
@@ -86,7 +92,9 @@ def meta_gradient_double_backward(
 ) -> MetaGrad:
     """The plain reference: g = ∇_φ L_w with ``create_graph``, φ̂ = φ − αg, L_meta(φ̂) is the backward root.
 
-    The virtual forward uses throw-away BN buffers, so the real forward still has to run afterwards.
+    The virtual forward uses throw-away BN buffers, so the real forward still has to run afterwards. Under
+    torchrun g is the mean over ranks in value (local in its graph), and the roots are φ̂ with
+    v = mean_r ∂L_meta_r/∂φ̂ (`_averaged_roots`).
     """
     losses = scratch_losses(inner, inner.params)  # (B,)
     names = list(inner.params)
@@ -96,9 +104,26 @@ def meta_gradient_double_backward(
         create_graph=True,
         allow_unused=True,
     )
+    grads = inner.collective.mean_keep_graph(grads)  # Eq. 9 on the global batch (unchanged on one process)
     params_hat = virtual_step(inner.params, dict(zip(names, grads, strict=True)), inner.lrs)
     l_meta = meta_loss(inner.model, params_hat, meta_batch)
+    if inner.collective.distributed:
+        return _averaged_roots(inner.collective, params_hat, l_meta)
     return MetaGrad(l_meta.detach(), [l_meta], [torch.ones_like(l_meta)])
+
+
+def _averaged_roots(collective: Collective, params_hat: Params, l_meta: Tensor) -> MetaGrad:
+    """The double backward's roots on N ranks: φ̂ with gradient v = mean_r ∂L_meta_r/∂φ̂.
+
+    Every rank's φ̂ is built from the mean of all ranks' gradients, so each L_meta_r depends on every rank's ω;
+    backing the local L_meta alone into θ would miss the other ranks' meta batches. With v averaged, the mean
+    over ranks of the θ-gradients (`aux_step`'s ``average``) is ∂(mean_r L_meta_r)/∂θ.
+    """
+    hats = list(params_hat.values())
+    v = torch.autograd.grad(l_meta, hats, retain_graph=True, allow_unused=True)
+    v = [torch.zeros_like(h) if g is None else g for h, g in zip(hats, v, strict=True)]
+    *v, value = collective.mean([*v, l_meta.detach()])
+    return MetaGrad(value, hats, v)
 
 
 def loss_jvp(inner: Inner, tangents: Mapping[str, Tensor]) -> Tensor:
@@ -129,7 +154,8 @@ def meta_gradient_jvp(
 
     φ̂ = φ − α (1/Z) Σ_i ω_i ∇_φℓ_i is linear in ω, so dφ̂/dω_i = −(α/Z) ∇_φℓ_i; the b products uᵀ∇_φℓ_i are one
     JVP (`loss_jvp`) and θ gets them through an ordinary backward of ω. The meta forward reads x^m in
-    `functional_layout`.
+    `functional_layout`. Under torchrun g, v = ∂L_meta/∂φ̂ and L_meta are averaged over ranks
+    (``inner.collective``): φ̂ and u are those of the global batch, s and ω stay local, and Z is the rank's Z/N.
 
     Args:
         inner: the inner problem.
@@ -147,19 +173,21 @@ def meta_gradient_jvp(
         retain_graph=True,
         allow_unused=True,
     )
+    grads = inner.collective.mean(grads)  # Eq. 9 on the global batch (unchanged on one process)
     with torch.no_grad():
         params_hat = virtual_step(inner.params, dict(zip(names, grads, strict=True)), inner.lrs)
     params_hat = {n: p.detach().requires_grad_() for n, p in params_hat.items()}
     xm, ym = meta_batch
     l_meta = meta_loss(inner.model, params_hat, (functional_layout(xm), ym))
     v = torch.autograd.grad(l_meta, [params_hat[n] for n in names], allow_unused=True)  # ∂L_meta/∂φ̂
+    *v, l_value = inner.collective.mean([*v, l_meta.detach()])  # over every rank's meta batch
     u = {
         n: torch.zeros_like(params_hat[n]) if g is None else inner.lrs[n] * g
         for n, g in zip(names, v, strict=True)
     }
     s = loss_jvp(inner, u)  # (B,)
     z = losses.shape[0] if inner.denominator is None else inner.denominator
-    return MetaGrad(l_meta.detach(), [omega], [-s / z])
+    return MetaGrad(l_value, [omega], [-s / z])
 
 
 class Algorithm(NamedTuple):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dnet_fast.config import TrainConfig
+from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.meta.gradient import Inner, forward_ad_problem, meta_gradient, needs_losses
 from dnet_fast.meta.phases import (
     Params,
@@ -81,12 +82,18 @@ class MetaMode:
 
     Attributes:
         needs_meta_batch: whether ``step`` needs a balanced meta batch.
+        distributed_problem: why the mode cannot run under torchrun, or None when its step reduces through
+            ``collective`` so that N ranks compute the single-process step of the global batch. Read from the
+            mode's own class, never inherited: a new mode, even a subclass of a supported one, is refused until it
+            declares how its step reduces.
         diffnet: the class-level Difficulty-Net, (C,) accuracies → (C,) difficulties (frozen, driver, exact,
             exact_absolute) or None (off, mwn, exact_sample).
         acc: (C,) static buffer with the per-class accuracy A, refreshed in place.
+        collective: the ranks' reductions (`use_collective`); ``distributed.LOCAL``, a no-op, on one process.
     """
 
     needs_meta_batch: bool = False
+    distributed_problem: str | None = "it does not declare torchrun support (MetaMode.distributed_problem)"
 
     def __init__(
         self,
@@ -108,6 +115,19 @@ class MetaMode:
         self.dtype = torch.promote_types(torch.float32, first.dtype)  # auxiliary nets: at least fp32
         self.acc = torch.zeros(num_classes, device=self.device, dtype=self.dtype)  # (C,)
         self._params, self._group_of = _optimised_params(model, optimizer)
+        self.collective: Collective = LOCAL
+
+    def use_collective(self, collective: Collective) -> None:
+        """Runs the step as one rank of ``collective`` (its real forward ``forward`` is then the DDP module).
+
+        Raises:
+            ValueError: the mode cannot run distributed (``distributed_problem``).
+        """
+        problem = type(self).__dict__.get("distributed_problem", MetaMode.distributed_problem)
+        if collective.distributed and problem is not None:
+            msg = f"meta.mode={self.cfg.meta.mode} cannot run under torchrun: {problem}"
+            raise ValueError(msg)
+        self.collective = collective
 
     def set_class_accuracy(self, acc: Tensor) -> None:
         """Copies the (C,) per-class accuracy into the static buffer (in place: a captured graph reads it)."""
@@ -191,16 +211,27 @@ class MetaMode:
     def _inner(self, x: Tensor, y: Tensor) -> Inner:
         groups = self.optimizer.param_groups
         lrs = {n: groups[g]["lr"] for n, g in self._group_of.items()}  # read each step: schedules change it
-        return Inner(self.model, self.criterion, self._params, lrs, x, y, self.criterion.denominator(y))
+        return Inner(self.model, self.criterion, self._params, lrs, x, y, self._denominator(y), self.collective)
+
+    def _denominator(self, y: Tensor) -> Tensor | None:
+        """This rank's Z: the loss's own (``PerSampleLoss.denominator``), averaged over ranks under torchrun.
+
+        The mean over ranks of Σ_{i∈r} ω_i ℓ_i / mean_r(Z_r) is Σ_i ω_i ℓ_i / Σ_r Z_r, the global-batch loss,
+        for Z = B (None, every rank has b) and for the losses that divide by their own weight sum Σ_i v_{y_i}.
+        """
+        z = self.criterion.denominator(y)
+        return z if z is None else self.collective.mean([z])[0]
 
 
 @META_MODES.register("off")
 class OffMode(MetaMode):
     """No reweighting: the mean per-sample loss, one real step."""
 
+    distributed_problem = None
+
     def _step(self, x: Tensor, y: Tensor, _meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
         losses, logits = self._train_forward(x, y)  # (B,), (B, C)
-        loss = weighted_mean(losses, torch.ones_like(losses), self.criterion.denominator(y))
+        loss = weighted_mean(losses, torch.ones_like(losses), self._denominator(y))
         real_step(self.optimizer, loss)
         return {"loss": loss.detach(), "logits": logits}
 
@@ -243,7 +274,7 @@ class ClassWeightMode(MetaMode):
         """Eq. 11: detached weights of the (updated) net, (1/b) Σ w'_{y_i} ℓ_i, real step."""
         with torch.no_grad():
             w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
-        loss = weighted_mean(losses, w[y], self.criterion.denominator(y))
+        loss = weighted_mean(losses, w[y], self._denominator(y))
         real_step(self.optimizer, loss)
         return {"loss": loss.detach(), "logits": logits, **weight_stats(w, d)}
 
@@ -269,6 +300,8 @@ class DriverMode(ClassWeightMode):
     """
 
     relative_target: bool = True
+    # L_dr depends on A and θ only, both identical on every rank: so are θ's gradient and Adam step.
+    distributed_problem = None
 
     def __init__(
         self,
@@ -309,6 +342,8 @@ class ExactMode(DriverMode):
     """
 
     needs_meta_batch = True
+    # g, v, L_meta and θ's gradient are averaged over ranks (meta.gradient, aux_step's average).
+    distributed_problem = None
 
     def __init__(
         self,
@@ -333,7 +368,10 @@ class ExactMode(DriverMode):
         # jvp: one train forward serves Eq. 9 (first-order g) and Eq. 11 (second backward with w').
         shared = self._train_forward(x, y) if needs_losses(self.grad) else None
         mg = meta_gradient(self._inner(x, y), None if shared is None else shared[0], lambda _: omega, meta_batch, self.grad)
-        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr, *mg.roots], [None, *mg.grad_tensors])
+        # Under torchrun θ's gradient is averaged over ranks: each rank's meta term is its share of the global one
+        # times N (its loss divides by Z/N), the λ·L_dr term is the same on every rank.
+        average = self.collective.mean if self.collective.distributed else None
+        aux_step(self.diffnet_optimizer, [self.lambda_dr * l_dr, *mg.roots], [None, *mg.grad_tensors], average)
         losses, logits = shared if shared is not None else self._train_forward(x, y)
         return {**self._real_phase(losses, logits, y), "driver_loss": l_dr.detach(), "meta_loss": mg.meta_loss}
 
@@ -362,6 +400,7 @@ class MWNMode(MetaMode):
     5e-4 (``meta.mwn_lr``, ``mwn_momentum``, ``mwn_nesterov``, ``mwn_weight_decay``; the reference passes the
     last three from the arguments it also gives the classifier's SGD). There is no driver loss.
     ``cfg.meta.grad`` works as in `ExactMode`.
+    Not under torchrun (``distributed_problem``).
 
     Args:
         cfg, model, criterion, optimizer, num_classes: as `build_meta_mode`.
@@ -369,6 +408,10 @@ class MWNMode(MetaMode):
     """
 
     needs_meta_batch = True
+    distributed_problem = (
+        "its weights b·V(ℓ_i)/Σ_j V(ℓ_j) are normalised over the batch, and the global Σ_j V(ℓ_j) with its "
+        "gradient is not reduced across ranks; run it on one process"
+    )
 
     def __init__(
         self,
@@ -434,13 +477,18 @@ def build_meta_mode(
     num_classes: int,
     *,
     forward: Callable[[Tensor], Tensor] | None = None,
+    collective: Collective = LOCAL,
 ) -> MetaMode:
-    """Builds the mode named ``cfg.meta.mode`` for a model already on its device (``forward``: see `MetaMode`).
+    """Builds the mode named ``cfg.meta.mode`` for a model already on its device (``forward``: see `MetaMode`),
+    as one rank of ``collective`` (`MetaMode.use_collective`; ``forward`` is then the DDP module).
 
     Raises:
         UnknownNameError: the mode is not registered.
+        ValueError: the mode cannot run under torchrun.
     """
-    return META_MODES.get(cfg.meta.mode)(cfg, model, criterion, optimizer, num_classes, forward=forward)
+    meta = META_MODES.get(cfg.meta.mode)(cfg, model, criterion, optimizer, num_classes, forward=forward)
+    meta.use_collective(collective)
+    return meta
 
 
 def _optimised_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Params, dict[str, int]]:

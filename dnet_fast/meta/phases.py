@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -137,11 +137,26 @@ def real_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
     optimizer.step()
 
 
-def aux_step(optimizer: torch.optim.Optimizer, roots: list[Tensor], grads: list[Tensor | None]) -> None:
-    """Eq. 10 for the auxiliary net: backward Σ_k ⟨roots_k, grads_k⟩ into its parameters only, one step."""
+def aux_step(
+    optimizer: torch.optim.Optimizer,
+    roots: list[Tensor],
+    grads: list[Tensor | None],
+    average: Callable[[list[Tensor | None]], Sequence[Tensor | None]] | None = None,
+) -> None:
+    """Eq. 10 for the auxiliary net: backward Σ_k ⟨roots_k, grads_k⟩ into its parameters only, one step.
+
+    Args:
+        optimizer: the auxiliary net's optimiser (Adam for Difficulty-Net).
+        roots, grads: the backward roots and their gradients (None: ones).
+        average: under torchrun, the mean over ranks (``Collective.mean``) applied to the parameters'
+            gradients between the backward and the step; None on one process.
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     pairs = [(r, g) for r, g in zip(roots, grads, strict=True) if r.requires_grad]  # detached roots add 0
     optimizer.zero_grad(set_to_none=True)
     if pairs:
         torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs], inputs=params)
+    if average is not None:
+        for p, g in zip(params, average([p.grad for p in params]), strict=True):
+            p.grad = g
     optimizer.step()
