@@ -177,6 +177,9 @@ class LoaderSpec:
             "cifar" when ``augment`` is "none".
         rank, world_size: data-parallel shard of the epoch order.
         num_epochs: total epochs (progressive sampling needs it).
+        num_samples: training epoch length L in samples (default: the split size); class-balanced orders of
+            stage 2 set it (``sampling.epoch_order``'s ``num_samples``).
+        per_visit: samples per class visit of the ``class_aware`` order (k = 4 in cRT).
     """
 
     batch_size: int
@@ -193,6 +196,8 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     num_epochs: int = 1
+    num_samples: int | None = None
+    per_visit: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
