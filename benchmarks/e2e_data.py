@@ -239,9 +239,13 @@ class OfficialStyleDataset(Dataset):
             img = img.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < 0.5 else img
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def _image(self, i: int) -> Image.Image:
+        """Sample ``i`` as an RGB image: the file decoded (a subclass may read pixels held in memory)."""
         with Image.open(self.split.path(i)) as f:
-            img = f.convert("RGB")
+            return f.convert("RGB")
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = self._image(i)
         if self.train:
             pixels = torch.from_numpy(np.array(self._augment(img), dtype=np.uint8, copy=True))
         else:

@@ -439,3 +439,72 @@ def test_eval_batches_feed_the_cache_in_split_order(stage1):
     s = build_stage2_session(cfg)
     labels = torch.cat([y for _, y in eval_batches(s.bundle.val, s.bundle, 7, "cpu")])
     assert torch.equal(s.val.labels, labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage2 benchmark
+
+
+def _released_class_aware_order(labels: np.ndarray, n: int, k: int) -> list[int]:
+    """The released ``ClassAwareSampler`` (CIFAR-LT/data/ClassAwareSampler.py) verbatim in behaviour: one global
+    ``random`` stream shared by the class cycle and the per-class cycles."""
+    import random
+
+    class Cycle:
+        def __init__(self, data):
+            self.data_list, self.i = list(data), len(data) - 1
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.i += 1
+            if self.i == len(self.data_list):
+                self.i = 0
+                random.shuffle(self.data_list)
+            return self.data_list[self.i]
+
+    classes = len(np.unique(labels))
+    cls_iter = Cycle(range(classes))
+    data_iters = [Cycle([i for i, y in enumerate(labels) if y == c]) for c in range(classes)]
+    out, i, j, temp = [], 0, 0, ()
+    while i < n:
+        if j >= k:
+            j = 0
+        if j == 0:
+            temp = next(zip(*[data_iters[next(cls_iter)]] * k, strict=False))
+        out.append(temp[j])
+        i, j = i + 1, j + 1
+    return out
+
+
+def test_official_class_aware_sampler_is_the_released_one():
+    import random
+
+    from benchmarks.bench_stage2 import OfficialClassAwareSampler
+
+    labels = np.repeat(np.arange(5), [17, 9, 4, 2, 1])
+    state = random.getstate()
+    try:
+        random.seed(7)
+        expected = _released_class_aware_order(labels, 5 * 17, 4)
+    finally:
+        random.setstate(state)
+    sampler = OfficialClassAwareSampler(labels, 4, seed=7)
+    assert len(sampler) == 5 * 17  # max count × classes
+    assert list(sampler) == expected
+
+
+def test_stage2_benchmark_quick_smoke(tmp_path):
+    from benchmarks import runner
+
+    argv = ["--quick", "--cpu", "--threads", "1", "--repeats", "1", "--warmup", "0", "--only", "stage2"]
+    assert runner.main([*argv, "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    (point,) = payload["benchmarks"][0]["points"]
+    assert sorted(point["variants"]) == sorted(["official", "stage2", "official_noaug", "stage2_cached"])
+    assert point["variants"]["stage2_cached"]["metrics"]["features"] == "cached"
+    assert point["variants"]["stage2"]["metrics"]["features"] == "streamed"
+    assert point["variants"]["stage2"]["time_scale"] == 6.0  # 2 of the epoch's 12 batches per call
+    target = point["ratios"][0]
+    assert (target["numerator"], target["denominator"], target["target"]) == ("official", "stage2", 3.0)

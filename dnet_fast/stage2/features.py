@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,10 +115,12 @@ class FeatureBank:
     Attributes:
         features: (N, F) float32.
         labels: (N,) int64.
+        seconds: wall time of the backbone pass that computed them.
     """
 
     features: Tensor
     labels: Tensor
+    seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -132,13 +135,16 @@ def extract_bank(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], cfg
     """Runs the backbone (eval mode) over ``batches`` once; the model's modes are restored afterwards."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
-    feats, labels = [], []
+    start, feats, labels = time.perf_counter(), [], []
     for x, y in batches:
         feats.append(backbone_features(model, x, cfg))
         labels.append(y)
     for m, mode in was_training.items():
         m.train(mode)
-    return FeatureBank(torch.cat(feats), torch.cat(labels))
+    features = torch.cat(feats)
+    if features.device.type == "cuda":
+        torch.cuda.synchronize(features.device)  # sync point: the pass's time
+    return FeatureBank(features, torch.cat(labels), time.perf_counter() - start)
 
 
 class CachedFeatures:
