@@ -21,6 +21,7 @@ variant as a whole epoch of the recipe (C·n_max samples), so the ratios compare
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -227,11 +228,9 @@ class Stage2Benchmark(Benchmark):
 
     def profile_for(self, params: dict[str, Any], profile: Profile) -> Profile:
         """Caps warm-up, repeats and rounds at the point's ``calls`` (a smaller command-line value wins)."""
-        from dataclasses import replace
-
         w, r, n = params["calls"]
-        return replace(profile, warmup=min(w, profile.warmup), repeats=min(r, profile.repeats),
-                       rounds=min(n, profile.rounds))
+        return dataclasses.replace(profile, warmup=min(w, profile.warmup), repeats=min(r, profile.repeats),
+                                   rounds=min(n, profile.rounds))
 
     def variants(self, params: dict[str, Any]) -> list[str]:  # noqa: ARG002
         """Both pairs of same-work variants, official first."""

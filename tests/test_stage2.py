@@ -508,3 +508,15 @@ def test_stage2_benchmark_quick_smoke(tmp_path):
     assert point["variants"]["stage2"]["time_scale"] == 6.0  # 2 of the epoch's 12 batches per call
     target = point["ratios"][0]
     assert (target["numerator"], target["denominator"], target["target"]) == ("official", "stage2", 3.0)
+
+
+def test_overrides_may_follow_the_flags(monkeypatch):
+    import dnet_fast.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_train_stage2", lambda args: seen.setdefault("args", args) and 0)
+    assert main(["train", "demo_stage2", "--from", "runs/x", "--method", "las", "stage2.epochs=3", "run.seed=1"]) == 0
+    assert seen["args"].overrides == ["stage2.epochs=3", "run.seed=1"]
+    assert seen["args"].preset == "demo_stage2"
+    with pytest.raises(SystemExit):
+        main(["train", "demo_stage2", "--from", "runs/x", "--bogus"])
