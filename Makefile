@@ -15,7 +15,7 @@ TEST_DEPS := pytest pytest-timeout hypothesis webdataset matplotlib ruff
 EXTRA_DEPS := nvidia-dali-cuda130 numba webdataset
 APT_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-stage2 test lint bench clean
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,18 @@ $(VENV)/.test: $(VENV)/.core $(VENV)/.apt constraints.txt
 # time, one thread each), then the runs table, paired 95 % intervals and the figures (tools/run_demo.py).
 demo: $(VENV)/.built
 	$(PYTHON) tools/run_demo.py --out $(DEMO_OUT) --seeds $(SEEDS) --jobs $(DEMO_JOBS)
+
+# Stage 2 on the demo's Difficulty-Net runs (make demo first): cRT, LWS, τ-norm and LAS per seed, then one table.
+STAGE2_METHODS ?= crt lws tau_norm las
+demo-stage2: $(VENV)/.built
+	@for seed in $(SEEDS); do for method in $(STAGE2_METHODS); do \
+	  echo "== exact-seed$$seed -> $$method"; \
+	  $(VENV)/bin/dnet-fast train demo_stage2 --from $(DEMO_OUT)/exact-seed$$seed --method $$method run.progress=false \
+	    > $(DEMO_OUT)/exact-seed$$seed-$$method.log 2>&1 || { cat $(DEMO_OUT)/exact-seed$$seed-$$method.log; exit 1; }; \
+	done; done
+	@echo; echo "Embedded long-tailed dataset, balanced test set (%), stage 1 vs stage 2, mean ± std over seeds $(SEEDS):"
+	@$(VENV)/bin/dnet-fast report $(foreach s,$(SEEDS),$(DEMO_OUT)/exact-seed$(s)) \
+	  $(foreach m,$(STAGE2_METHODS),$(foreach s,$(SEEDS),$(DEMO_OUT)/exact-seed$(s)/$(m)))
 
 test: $(VENV)/.test $(VENV)/.built
 	$(PYTHON) -m pytest -q

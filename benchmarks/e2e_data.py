@@ -254,9 +254,13 @@ class OfficialStyleDataset(Dataset):
             img = pil_recipe(img, self.recipe, params, 0)
         return img
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def _image(self, i: int) -> Image.Image:
+        """Sample ``i`` as an RGB image: the file decoded (a subclass may read pixels held in memory)."""
         with Image.open(self.split.path(i)) as f:
-            img = f.convert("RGB")
+            return f.convert("RGB")
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = self._image(i)
         if self.train:
             pixels = torch.from_numpy(np.array(self._augment(img), dtype=np.uint8, copy=True))
         else:

@@ -31,6 +31,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--out", "run.out_dir", str, "run directory"),
     ("--device", "run.device", str, "auto | cpu | cuda"),
     ("--precision", "run.precision", str, "fp32 | bf16"),
+    ("--method", "stage2.method", str, "stage-2 method with --from: crt | lws | tau_norm | las"),
 )
 
 
@@ -45,6 +46,8 @@ def get_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=0.05")
     for flag, _, kind, text in _TRAIN_FLAGS:
         train.add_argument(flag, type=kind, default=None, help=f"{text}")
+    train.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
+                       help="stage 2: re-balance the classifier of this finished stage-1 run (a *_stage2 preset)")
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     train.add_argument("--no-graph", action="store_true", help="run the step eagerly (no CUDA graph)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -114,11 +117,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dnet_fast.report import format_results
 
     _split_preset(args)
+    if args.from_run is not None:
+        return _train_stage2(args)
     cfg = load_config(args.preset, _train_overrides(args))
+    if cfg.stage2.method != "none":
+        msg = f"{args.preset or 'the config'} is a stage-2 config (stage2.method={cfg.stage2.method}): add --from RUN_DIR"
+        raise ValueError(msg)
     with distributed.reported("dnet-fast train"):  # under torchrun: errors name the rank; no-op otherwise
         results = fit(cfg, resume=args.resume)
     if distributed.env_rank() == 0:
         print(format_results(results, cfg.run.out_dir))
+    return 0
+
+
+def _train_stage2(args: argparse.Namespace) -> int:
+    from dnet_fast.report import format_results
+    from dnet_fast.stage2.train import fit_stage2, load_stage2_config
+
+    if args.resume:
+        msg = "--resume is for stage-1 runs; a stage-2 run restarts from --from"
+        raise ValueError(msg)
+    cfg = load_stage2_config(args.preset, args.from_run, _train_overrides(args))
+    results = fit_stage2(cfg)
+    print(format_results(results, cfg.run.out_dir))
     return 0
 
 
@@ -191,7 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         # Everything after `bench` belongs to the benchmark runner's own parser (--cpu, --only, ...).
         return _cmd_bench(argparse.Namespace(args=argv[1:]))
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        # Overrides after the flags (`train demo_stage2 --from RUN --method las stage2.epochs=5`): argparse stops
+        # collecting a positional list at the first option.
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging()
     try:
         return _COMMANDS[args.command](args)

@@ -3,7 +3,7 @@
 A leaf module: it imports no other dnet_fast module and no torch, so reading a config is cheap. It owns the closed
 enumerations that are part of the schema (``DEVICES``, ``PRECISIONS``, ...; the code that branches on them imports
 them from here). Keys that name a plugin (dataset, loader, backbone, head, loss, meta mode, meta-gradient
-algorithm, lr schedule) are checked against their registries by ``dnet_fast.plugins.check_names``, which every
+algorithm, lr schedule, stage-2 method) are checked against their registries by ``dnet_fast.plugins.check_names``, which every
 entry point runs right after ``load_config``, before anything is written.
 """
 
@@ -29,6 +29,8 @@ __all__ = [
     "NORMALIZATIONS",
     "PRECISIONS",
     "SELECTIONS",
+    "STAGE2_BN",
+    "STAGE2_EPOCH_LENGTHS",
     "DataConfig",
     "DiffNetConfig",
     "LossConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "Stage2Config",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -59,6 +62,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast without GradScaler, CUDA only
 GRAPH_CHOICES = ("auto", "on", "off")  # CUDA-graph step: auto = iff CUDA
 SELECTIONS = ("last", "val")  # reported model: last epoch or best val accuracy (never test)
+STAGE2_EPOCH_LENGTHS = ("classes_x_max", "dataset_plus_one")  # stage-2 epoch: C·n_max samples | ⌈N/B⌉+1 batches
+STAGE2_BN = ("frozen", "shift", "shift_extra_block")  # LAS BatchNorm: eval | backbone BN train | extra block only
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,31 @@ class RunConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Stage2Config:
+    """Decoupled stage 2 (SPEC §7): a new classifier on the frozen backbone of a finished stage-1 run."""
+
+    method: str = "none"  # stage-2 method registry name: crt | lws | tau_norm | las ("none": a stage-1 run)
+    source: str = ""  # the finished stage-1 run directory whose backbone is frozen (set by --from)
+    epochs: int = 10  # classifier-training epochs (tau_norm trains nothing)
+    batch_size: int = 128  # images per classifier step
+    lr: float = 0.05  # peak learning rate (LAS: of the per-class scale; the classifier gets lr · las_classifier_lr_mult)
+    schedule: str = "cosine"  # per-epoch lr schedule registry name (official: cosine to 0)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 2e-4  # coupled L2 weight decay on every trained parameter
+    per_visit: int = 4  # class-balanced sampler: images taken per class visit (k)
+    epoch_length: str = "dataset_plus_one"  # classes_x_max: C·n_max samples (CIFAR) | dataset_plus_one: ⌈N/B⌉+1 batches
+    augment: bool = True  # stage-1 train transform; false: eval-transformed images, backbone features cached once
+    las_eps_head: float = 0.3  # LAS smoothing ε_1 of the most frequent class
+    las_eps_tail: float = 0.0  # LAS smoothing ε_K of the least frequent class
+    las_eps_by_ratio: bool = False  # LAS: (ε_head, ε_tail) from the imbalance ratio n_max/n_min (official CIFAR rule)
+    las_classifier_lr_mult: float = 0.05  # LAS: classifier lr = lr · this (MiSLAS lr_factor); the scale trains at lr
+    las_bn: str = "frozen"  # LAS BatchNorm: frozen | shift (backbone BN in train mode) | shift_extra_block (Places)
+    tau_min: float = 0.0  # tau_norm: smallest τ of the val sweep
+    tau_max: float = 2.0  # tau_norm: largest τ of the val sweep
+    tau_points: int = 41  # tau_norm: evenly spaced τ values swept on val (the best one is applied to test)
+
+
+@dataclass(frozen=True, slots=True)
 class TrainConfig:
     """The whole resolved configuration of a training run."""
 
@@ -196,6 +226,7 @@ class TrainConfig:
     diffnet: DiffNetConfig = field(default_factory=DiffNetConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def validate(self) -> TrainConfig:
         """Checks every value and cross-field invariant of the schema; returns self.
@@ -303,7 +334,28 @@ def _check_run(c: TrainConfig) -> None:
     _require(r.dist_timeout >= 1, "run.dist_timeout", f"must be >= 1 second, got {r.dist_timeout}")
 
 
-_CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run)
+def _check_stage2(c: TrainConfig) -> None:
+    s = c.stage2
+    staged = s.method != "none"
+    _require(staged or not s.source, "stage2.source", "is set but stage2.method is none")
+    _require(not staged or bool(s.source), "stage2.source", "a stage-2 run needs its stage-1 run (--from RUN_DIR)")
+    _require(s.epochs >= 1, "stage2.epochs", f"must be >= 1, got {s.epochs}")
+    _require(s.batch_size >= 1, "stage2.batch_size", f"must be >= 1, got {s.batch_size}")
+    _require(s.lr > 0, "stage2.lr", f"must be > 0, got {s.lr}")
+    _require(0 <= s.momentum < 1, "stage2.momentum", f"must be in [0, 1), got {s.momentum}")
+    _require(s.weight_decay >= 0, "stage2.weight_decay", f"must be >= 0, got {s.weight_decay}")
+    _require(s.per_visit >= 1, "stage2.per_visit", f"must be >= 1, got {s.per_visit}")
+    _choice(s.epoch_length, "stage2.epoch_length", STAGE2_EPOCH_LENGTHS)
+    for key in ("las_eps_head", "las_eps_tail"):
+        value = getattr(s, key)
+        _require(0 <= value <= 1, f"stage2.{key}", f"must be in [0, 1], got {value}")
+    _require(s.las_classifier_lr_mult >= 0, "stage2.las_classifier_lr_mult", "must be >= 0")
+    _choice(s.las_bn, "stage2.las_bn", STAGE2_BN)
+    _require(s.tau_min <= s.tau_max, "stage2.tau_min", f"must be <= tau_max, got {s.tau_min} > {s.tau_max}")
+    _require(s.tau_points >= 1, "stage2.tau_points", f"must be >= 1, got {s.tau_points}")
+
+
+_CHECKS = (_check_data, _check_optim, _check_loss, _check_diffnet, _check_meta, _check_run, _check_stage2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
 from dnet_fast.runlog import progress
+from dnet_fast.stage2.methods import stage2_model
 
 __all__ = [
     "EvalResult",
@@ -117,6 +118,13 @@ def evaluate_from_accuracy(acc: torch.Tensor, split: Any, bundle: DataBundle) ->
     return EvalResult(top1, groups["many"], groups["medium"], groups["few"], tuple(float(a) for a in per_class))
 
 
+def _checkpoint_model(cfg: TrainConfig, num_classes: int, state: dict[str, Any]) -> nn.Module:
+    """The architecture of a checkpoint: the config's model, or for a stage-2 run its Stage2Head-headed twin."""
+    if cfg.stage2.method != "none":
+        return stage2_model(cfg, num_classes, state.get("tau"))
+    return build_model(dataclasses.replace(cfg.model, pretrained=""), num_classes)
+
+
 def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
     """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
     state = load_checkpoint(path, map_location="cpu")
@@ -125,7 +133,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = 
     check_names(cfg)
     dev = resolve_device(device)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""), bundle.num_classes).to(dev)
+    model = _checkpoint_model(cfg, bundle.num_classes, state).to(dev)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

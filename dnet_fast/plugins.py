@@ -3,7 +3,7 @@
 Where a new plugin goes: a dataset into ``dnet_fast.data.DATASETS``, a loader into ``LOADERS``, a backbone into
 ``dnet_fast.models.MODELS``, a head into ``HEADS``, a loss into ``dnet_fast.losses.LOSSES``, a meta mode into
 ``dnet_fast.meta.META_MODES``, a meta-gradient algorithm into ``META_GRADIENTS``, an lr schedule into
-``dnet_fast.schedule.SCHEDULES``. Registering is all it takes: this table makes the config key accept the name.
+``dnet_fast.schedule.SCHEDULES``, a stage-2 method into ``dnet_fast.stage2.STAGE2_METHODS``. Registering is all it takes: this table makes the config key accept the name.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dnet_fast.meta import META_GRADIENTS, META_MODES
 from dnet_fast.models import HEADS, MODELS
 from dnet_fast.registry import Registry
 from dnet_fast.schedule import SCHEDULES
+from dnet_fast.stage2.methods import STAGE2_METHODS
 
 __all__ = ["PLUGIN_KEYS", "check_names"]
 
@@ -30,6 +31,8 @@ PLUGIN_KEYS: dict[tuple[str, str], tuple[Registry, tuple[str, ...]]] = {
     ("loss", "name"): (LOSSES, ()),
     ("meta", "mode"): (META_MODES, ()),
     ("meta", "grad"): (META_GRADIENTS, ()),
+    ("stage2", "method"): (STAGE2_METHODS, ("none",)),
+    ("stage2", "schedule"): (SCHEDULES, ()),
 }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from dnet_fast.history import read_history
 from dnet_fast.plots import figure_paths
-from dnet_fast.rundir import load_results, run_label
+from dnet_fast.rundir import load_results, run_label, stage2_method
 
 __all__ = ["format_eval", "format_report", "format_results", "runs_table"]
 
@@ -33,6 +33,9 @@ def format_results(results: dict[str, Any], out_dir: str) -> str:
         return f"stopped after {results['epochs_done']} epochs; checkpoint in {out_dir}/last.pt"
     head = "| split | top-1 | many | medium | few |\n|---|---|---|---|---|"
     row = "| test | " + " | ".join(_pct(test[k]) for k in _METRICS) + " |"
+    stage1 = results.get("stage1", {}).get("test")
+    if stage1 is not None:  # a stage-2 run: the stage-1 model it started from, for comparison
+        row += "\n| test, stage 1 | " + " | ".join(_pct(stage1[k]) for k in _METRICS) + " |"
     return f"{head}\n{row}\nmodel: {results['selected']}; run directory: {out_dir}"
 
 
@@ -46,6 +49,15 @@ def format_eval(result: dict[str, Any]) -> str:
 def _seedless(path: Path) -> str:
     """The run folder without its trailing seed (``runs/demo/exact-seed2`` -> ``runs/demo/exact``)."""
     return str(path.parent / re.sub(r"[-_]?(seed|s)\d+$", "", path.name))
+
+
+def _group_name(run: str | Path, results: dict[str, Any]) -> str:
+    """What the seeds of one method share: the seedless folder; for a stage-2 run, its stage-1 run's seedless
+    folder and the method (``runs/demo/exact-seed2/las`` -> ``runs/demo/exact/las``)."""
+    method = stage2_method(results)
+    if method is None:
+        return _seedless(Path(run))
+    return str(Path(_seedless(Path(results["config"]["stage2"]["source"]))) / method)
 
 
 def _mean_std(values: Sequence[float], fmt: str) -> str:
@@ -84,7 +96,7 @@ def runs_table(run_dirs: Sequence[str]) -> str:
     groups: dict[tuple[str, str], list[tuple[dict[str, float], tuple[float, float]]]] = defaultdict(list)
     for run in run_dirs:
         results = load_results(run)
-        groups[(run_label(results), _seedless(Path(run)))].append((results["test"], _final_spread(run)))
+        groups[(run_label(results), _group_name(run, results))].append((results["test"], _final_spread(run)))
     labels = [label for label, _ in groups]
     lines = ["| method | runs | top-1 | many | medium | few | w_max/w_min | E |", "|---|---|---|---|---|---|---|---|"]
     for (label, name), runs in groups.items():

@@ -19,6 +19,7 @@ __all__ = [
     "read_metrics",
     "run_label",
     "run_seed",
+    "stage2_method",
 ]
 
 RESULTS_FILE = "results.json"  # written by engine.fit at the end of a run (also when stopped early)
@@ -133,7 +134,8 @@ _WITH_LAMBDA = ("exact", "driver", "exact_absolute", "exact_sample")  # the mode
 
 
 def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
-    """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``balanced_softmax``.
+    """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``balanced_softmax``; a stage-2
+    run names both stages, ``Difficulty-Net (exact) + CE → LAS``.
 
     Args:
         results: the run's results.json.
@@ -147,7 +149,16 @@ def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
     label = f"{method} + {loss_name}" if method else loss_name
     if with_lambda and mode in _WITH_LAMBDA and "lambda_dr" in cfg["meta"]:
         label += f", λ = {cfg['meta']['lambda_dr']:g}"
+    stage2 = stage2_method(results)
+    if stage2 is not None:
+        label += f" → {results.get('stage2', {}).get('label') or stage2}"
     return label
+
+
+def stage2_method(results: dict[str, Any]) -> str | None:
+    """The stage-2 method of a run (``config.stage2.method``), None for a stage-1 run (or one from before stage 2)."""
+    method = (results["config"].get("stage2") or {}).get("method", "none")
+    return None if method == "none" else str(method)
 
 
 def run_seed(results: dict[str, Any], run: str | Path) -> int:

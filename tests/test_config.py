@@ -55,7 +55,8 @@ PRESET_MODELS = {
 
 
 def test_every_preset_is_covered():
-    assert sorted(PRESET_MODELS) == preset_names()
+    # Stage-2 presets (*_stage2: a stage2 section only) are checked in tests/test_stage2.py.
+    assert sorted(PRESET_MODELS) == [name for name in preset_names() if not name.endswith("_stage2")]
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_MODELS))

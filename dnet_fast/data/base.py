@@ -221,6 +221,9 @@ class LoaderSpec:
         recipe: stage-1 ops added after the crop and flip of a training batch (AutoAugment, RandAugment,
             ColorJitter, Cutout; ``policies.Recipe``); the default adds none. Ignored with ``augment="none"``
             and in eval mode.
+        num_samples: training epoch length L in samples (default: the split size); class-balanced orders of
+            stage 2 set it (``sampling.epoch_order``'s ``num_samples``).
+        per_visit: samples per class visit of the ``class_aware`` order (k = 4 in cRT).
     """
 
     batch_size: int
@@ -238,6 +241,8 @@ class LoaderSpec:
     world_size: int = 1
     num_epochs: int = 1
     recipe: Recipe = Recipe()
+    num_samples: int | None = None
+    per_visit: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, Recipe):

@@ -52,13 +52,20 @@ def epoch_indices(labels: np.ndarray, spec: LoaderSpec, epoch: int) -> np.ndarra
         rank=spec.rank,
         world_size=spec.world_size,
         num_epochs=spec.num_epochs,
+        num_samples=spec.num_samples,
+        per_visit=spec.per_visit,
     )
 
 
 def num_batches(num_samples: int, spec: LoaderSpec) -> int:
-    """Batches per epoch: every sample once (eval), or this rank's share with the last partial batch dropped."""
+    """Batches per epoch: every sample once (eval), or this rank's share with the last partial batch dropped.
+
+    ``num_samples`` is the split size; a training spec with its own ``num_samples`` (epoch length) uses that.
+    """
     if not spec.train:
         return -(-num_samples // spec.batch_size)  # every sample once, last batch partial
+    if spec.num_samples is not None:
+        num_samples = spec.num_samples
     per_rank = -(-num_samples // spec.world_size)  # epoch_order gives every rank ceil(N / world_size)
     return per_rank // spec.batch_size  # drop the last partial batch: static shapes
 
