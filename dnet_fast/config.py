@@ -171,6 +171,7 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     compile: bool = False  # torch.compile the backbone
     graph: str = "auto"  # CUDA-graph step: auto | on | off
+    max_iters: int = 0  # stop after this many iterations in total, then evaluate and finish (0: no cap; smoke runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,7 @@ def _check_run(c: TrainConfig) -> None:
     _require(r.log_every >= 1, "run.log_every", "must be >= 1")
     _choice(r.select, "run.select", SELECTIONS)
     _require(r.threads >= 0, "run.threads", "must be >= 0")
+    _require(r.max_iters >= 0, "run.max_iters", f"must be >= 0 (0: no cap), got {r.max_iters}")
     _choice(r.graph, "run.graph", GRAPH_CHOICES)
     _require(bool(r.out_dir), "run.out_dir", "must not be empty")
 

@@ -32,7 +32,16 @@ from dnet_fast.runlog import RunLog, progress
 from dnet_fast.schedule import apply_lr, lr_factor
 from dnet_fast.stack import TrainingStack, build_stack
 
-__all__ = ["EvalResult", "Session", "build_session", "evaluate", "evaluate_checkpoint", "fit", "resolve_device"]
+__all__ = [
+    "EvalResult",
+    "Session",
+    "build_session",
+    "evaluate",
+    "evaluate_checkpoint",
+    "fit",
+    "resolve_device",
+    "resolve_paths",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,16 @@ def resolve_device(name: str) -> torch.device:
         msg = "run.device=cuda but CUDA is not available (torch.cuda.is_available() is False)"
         raise ValueError(msg)
     return torch.device(name)
+
+
+_PATH_KEYS = ("root", "train_list", "val_list", "test_list")  # DataConfig keys naming files or folders
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the data paths made absolute (against the current directory), so that the run's config.yaml
+    and checkpoints name the same files from any working directory (``dnet-fast eval`` elsewhere)."""
+    paths = {k: str(Path(v).expanduser().resolve()) for k in _PATH_KEYS if (v := getattr(cfg.data, k))}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths)) if paths else cfg
 
 
 def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
@@ -202,8 +221,14 @@ def _initial_accuracy(s: Session) -> torch.Tensor:
     return _val_accuracy(s)
 
 
+def _capped(cfg: TrainConfig, global_step: int) -> bool:
+    """Whether ``run.max_iters`` (0: no cap) iterations have been run in total."""
+    return 0 < cfg.run.max_iters <= global_step
+
+
 def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple[int, dict[str, Any]]:
-    """Runs one epoch of meta steps; returns the new global step and epoch statistics."""
+    """Runs one epoch of meta steps (ending early at ``run.max_iters``); returns the new global step and the
+    epoch statistics."""
     cfg, meta, step = s.cfg, s.stack.meta, s.stack.step
     s.stack.model.train()
     start, images = time.perf_counter(), 0
@@ -220,6 +245,8 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog) -> tuple
         images += y.shape[0]
         if global_step % cfg.run.log_every == 0:
             log.log("train", global_step, {**stats, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
+        if _capped(cfg, global_step):
+            break
     seconds = time.perf_counter() - start
     correct, total = step.counter.correct.sum(), step.counter.total.sum()
     return global_step, {"epoch_seconds": seconds, "images_per_s": images / max(seconds, 1e-9),
@@ -244,6 +271,10 @@ def _weight_stats(s: Session) -> dict[str, float]:
 def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Trains per ``cfg``, checkpointing after every epoch, and evaluates the selected model on the test set.
 
+    With ``run.max_iters`` the run ends after that many iterations in total (mid-epoch: that epoch counts as
+    done); it is then evaluated and written like a finished run. Data paths are made absolute first
+    (:func:`resolve_paths`).
+
     Args:
         cfg: validated configuration.
         resume: continue from ``run.out_dir/last.pt`` (bit-exact on CPU).
@@ -252,6 +283,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     Returns:
         The results written to ``results.json`` (empty test entries when stopped early).
     """
+    cfg = resolve_paths(cfg)
     s = build_session(cfg)
     out = Path(cfg.run.out_dir)
     log = RunLog(out, tensorboard=cfg.run.tensorboard)
@@ -270,6 +302,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     first = progress_state["epoch"]
     last = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, first + stop_after)
     for epoch in range(first, last):
+        if _capped(cfg, progress_state["global_step"]):
+            break
         apply_lr(s.stack.optimizer, lr_factor(epoch, cfg.optim))
         s.stack.meta.set_class_accuracy(acc.to(s.device))
         s.stack.criterion.start_epoch(epoch, acc.to(s.device))
@@ -290,7 +324,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
         save_checkpoint(out / "last.pt", state)
         if cfg.run.select == "val" and improved:
             save_checkpoint(out / "best.pt", state)
-    results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
+    finished = progress_state["epoch"] >= cfg.optim.epochs or _capped(cfg, progress_state["global_step"])
+    results = _final_results(s, out, progress_state, finished=finished)
     log.write_json("results.json", results)
     log.close()
     return results
@@ -310,6 +345,7 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
     results: dict[str, Any] = {
         "config": config_to_dict(s.cfg),
         "epochs_done": progress_state["epoch"],
+        "iterations": progress_state["global_step"],
         "best_val": progress_state["best_val"],
         "best_epoch": progress_state["best_epoch"],
         "class_counts": [int(c) for c in s.bundle.class_counts],
@@ -326,11 +362,23 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
     return results
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
+def evaluate_checkpoint(
+    path: str | Path, *, split: str = "test", device: str = "auto", data_root: str | Path | None = None
+) -> dict[str, Any]:
+    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test).
+
+    Args:
+        path: a checkpoint written by :func:`fit`.
+        split: ``test`` or ``val``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        data_root: replaces the checkpoint's ``data.root`` (the data was moved or copied); relative paths are
+            taken from the current directory.
+    """
     state = load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(state["config"], source=str(path))
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root))
+    run = dataclasses.replace(cfg.run, device=device, progress=False)
+    cfg = resolve_paths(dataclasses.replace(cfg, data=data, run=run)).validate()
     check_names(cfg)
     dev = resolve_device(device)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
