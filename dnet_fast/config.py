@@ -78,8 +78,13 @@ class DataConfig:
     val_list: str = ""  # split file for the val (= meta) set
     test_list: str = ""  # split file for the test set
     meta_per_class: int = 10  # meta/val images per class drawn from the val split file (splits dataset)
-    loader: str = "auto"  # train loader registry name: auto | resident | naive | ffcv | dali
-    workers: int = 2  # loader worker processes/threads
+    # train loader registry name: resident | naive | ffcv | dali, or auto = the fastest that fits the data:
+    # resident (decoded set in memory) when the split is in memory or its decoded size fits the device's budget,
+    # else ffcv (.beton converted, ffcv importable), else dali (shards, DALI importable), else naive
+    loader: str = "auto"
+    # loader worker processes/threads; -1 = auto: max(1, usable CPUs − training threads), where the training
+    # threads are torch.get_num_threads() on the CPU and 1 on CUDA (more workers only contend with the step)
+    workers: int = -1
     augment: str = "auto"  # train augmentation: auto | cifar | imagenet | none
 
 
@@ -224,7 +229,7 @@ def _check_data(c: TrainConfig) -> None:
     _require(d.val_per_class >= 1, "data.val_per_class", f"must be >= 1, got {d.val_per_class}")
     _require(d.test_per_class >= 1, "data.test_per_class", f"must be >= 1, got {d.test_per_class}")
     _require(d.meta_per_class >= 1, "data.meta_per_class", f"must be >= 1, got {d.meta_per_class}")
-    _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _require(d.workers >= -1, "data.workers", f"must be >= 0 or -1 (auto), got {d.workers}")
     _choice(d.cifar_variant, "data.cifar_variant", CIFAR_VARIANTS)
     _choice(d.augment, "data.augment", ["auto", *AUGMENT_FAMILIES])
 

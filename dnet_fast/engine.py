@@ -25,6 +25,8 @@ from dnet_fast.data import (
     group_accuracies,
     make_loader,
 )
+from dnet_fast.data.loaders import resolve_loader
+from dnet_fast.info import usable_cpus
 from dnet_fast.metrics import DeviceClassCounter
 from dnet_fast.models import build_model
 from dnet_fast.plugins import check_names
@@ -39,6 +41,7 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "fit",
+    "loader_workers",
     "resolve_device",
     "resolve_paths",
 ]
@@ -68,6 +71,7 @@ class Session:
     stack: TrainingStack  # model, optimiser, loss, meta mode, step
     loader: Any  # a dnet_fast.data Loader
     valset: MetaSet  # the val (= meta) images, eval-transformed once and kept on the device
+    loader_info: dict[str, Any] = dataclasses.field(default_factory=dict)  # resolved loader name and workers
 
     @property
     def device(self) -> torch.device:
@@ -95,12 +99,25 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths)) if paths else cfg
 
 
+def loader_workers(requested: int, device: torch.device) -> int:
+    """Loader workers/threads for ``data.workers`` (-1 = auto: what the training threads leave of the CPUs).
+
+    Training on the CPU keeps ``torch.get_num_threads()`` cores busy; on CUDA one host thread feeds the GPU.
+    More loader workers than the cores left over only contend with the step (FFCV with 2 workers beside 2 torch
+    threads on a 2-core box ran 6x slower than with 1).
+    """
+    if requested >= 0:
+        return requested
+    training = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(1, usable_cpus() - training)
+
+
 def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, train: bool) -> LoaderSpec:
     overrides = {} if cfg.data.augment == "auto" else {"augment": cfg.data.augment}
     return LoaderSpec.for_bundle(
         bundle, cfg.optim.batch_size if train else cfg.run.eval_batch, device=device, seed=cfg.run.seed,
-        workers=cfg.data.workers, crop_size=cfg.data.crop_size, train=train, num_epochs=cfg.optim.epochs,
-        **overrides,
+        workers=loader_workers(cfg.data.workers, device), crop_size=cfg.data.crop_size, train=train,
+        num_epochs=cfg.optim.epochs, **overrides,
     )
 
 
@@ -112,12 +129,14 @@ def build_session(cfg: TrainConfig) -> Session:
         torch.set_num_threads(cfg.run.threads)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     stack = build_stack(cfg, bundle.class_counts, device)
-    loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True), bundle)
+    spec = _loader_spec(cfg, bundle, device, train=True)
+    name = resolve_loader(cfg.data.loader, bundle, spec)  # auto: the fastest available (data.loaders)
+    loader = make_loader(name, bundle.train, spec, bundle)
     valset = MetaSet(
         bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
         crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
     )
-    return Session(cfg, bundle, stack, loader, valset)
+    return Session(cfg, bundle, stack, loader, valset, {"name": name, "workers": spec.workers})
 
 
 @torch.no_grad()
@@ -346,6 +365,7 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
         "config": config_to_dict(s.cfg),
         "epochs_done": progress_state["epoch"],
         "iterations": progress_state["global_step"],
+        "loader": s.loader_info,
         "best_val": progress_state["best_val"],
         "best_epoch": progress_state["best_epoch"],
         "class_counts": [int(c) for c in s.bundle.class_counts],

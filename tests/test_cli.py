@@ -137,6 +137,7 @@ def test_max_iters_stops_the_run_and_still_evaluates(tiny_overrides, tmp_path, c
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert (results["iterations"], results["epochs_done"]) == (3, 1)  # 5 batches per epoch: stopped in epoch 0
     assert "top1" in results["test"]
+    assert results["loader"] == {"name": "resident", "workers": results["loader"]["workers"]}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["kind"] == "train") <= 3
     assert main(["train", *tiny_overrides, "--max-iters", "-1"]) == 2
