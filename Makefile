@@ -14,7 +14,7 @@ TEST_DEPS := pytest pytest-timeout hypothesis webdataset matplotlib ruff
 EXTRA_DEPS := nvidia-dali-cuda130 numba webdataset
 APT_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean ffcv
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,9 @@ $(VENV)/.core: constraints.txt | $(PYTHON)
 	$(PIPI) $(CORE_DEPS)
 	touch $@
 
+# Development/CI build: compiler warnings are errors here (CMake option DNET_WERROR, OFF for users' installs).
 $(VENV)/.built: $(VENV)/.core CMakeLists.txt pyproject.toml $(wildcard csrc/*)
-	$(PIPI) --no-build-isolation --no-deps -e .
+	$(PIPI) --no-build-isolation --no-deps -e . -Ccmake.define.DNET_WERROR=ON
 	touch $@
 
 $(VENV)/.apt:
@@ -37,8 +38,15 @@ $(VENV)/.apt:
 
 $(VENV)/.test: $(VENV)/.core $(VENV)/.apt constraints.txt
 	$(PIPI) $(TEST_DEPS) $(EXTRA_DEPS)
-	$(PIPI) ffcv || echo "note: ffcv did not install; its tests skip"
+	$(MAKE) --no-print-directory ffcv || echo "note: ffcv did not install; its tests skip"
 	touch $@
+
+# The [ffcv] extra builds from source: check its system packages first and say which are missing.
+ffcv: $(VENV)/.core
+	@command -v pkg-config >/dev/null || { echo "ffcv needs pkg-config: apt-get install $(APT_DEPS)" >&2; exit 1; }
+	@for pc in opencv4 libturbojpeg; do pkg-config --exists $$pc || { \
+	  echo "ffcv needs $$pc (pkg-config cannot find $$pc.pc): apt-get install $(APT_DEPS)" >&2; exit 1; }; done
+	$(PIPI) numba ffcv
 
 # Train CE and Difficulty-Net (exact) on the embedded long-tailed dataset and print the comparison table.
 demo: $(VENV)/.built
