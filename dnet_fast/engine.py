@@ -92,11 +92,16 @@ def resolve_device(name: str) -> torch.device:
 _PATH_KEYS = ("root", "train_list", "val_list", "test_list")  # DataConfig keys naming files or folders
 
 
+def _absolute(section: Any, keys: Iterable[str]) -> Any:
+    paths = {k: str(Path(v).expanduser().resolve()) for k in keys if (v := getattr(section, k))}
+    return dataclasses.replace(section, **paths) if paths else section
+
+
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the data paths made absolute (against the current directory), so that the run's config.yaml
-    and checkpoints name the same files from any working directory (``dnet-fast eval`` elsewhere)."""
-    paths = {k: str(Path(v).expanduser().resolve()) for k in _PATH_KEYS if (v := getattr(cfg.data, k))}
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths)) if paths else cfg
+    """``cfg`` with the data paths and the pretrained checkpoint made absolute (against the current directory),
+    so that the run's config.yaml and checkpoints name the same files from any working directory (``dnet-fast
+    eval`` elsewhere)."""
+    return dataclasses.replace(cfg, data=_absolute(cfg.data, _PATH_KEYS), model=_absolute(cfg.model, ("pretrained",)))
 
 
 def loader_workers(requested: int, device: torch.device) -> int:

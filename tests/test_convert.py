@@ -314,3 +314,20 @@ def test_split_dir_and_the_list_converter(tree, tmp_path, capsys):
     assert main([*asked, *common]) == 2
     assert "train images: expected 62500, got 30" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_ffcv_output_without_ffcv_fails_before_writing_and_auto_skips_it(tree, tmp_path, monkeypatch, capsys):
+    from dnet_fast.cli import main
+    from dnet_fast.convert import beton
+
+    monkeypatch.setattr(beton, "ffcv_available", lambda: False)
+    opts = ConvertOptions(image=ImageOptions(max_side=80), formats=("wds", "ffcv"), progress=False, workers=0)
+    with pytest.raises(ConversionError, match="ffcv is not installed"):
+        _convert(tree, tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()  # checked first: no shards written, then refused
+    out = tmp_path / "auto"
+    argv = ["convert", "places-lt", "--split-dir", str(tree.lists["train"].parent), "--no-golden", "--root",
+            str(tree.root), "--out", str(out), "--max-side", "80", "--workers", "0", "--no-progress"]
+    assert main(argv) == 0  # --formats auto: WebDataset shards only, and it says so
+    assert "formats: wds only" in capsys.readouterr().out
+    assert verify_output(out)["splits"]["train"]["beton"] is None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dnet_fast.convert.golden import GOLDEN, check_golden, summary_lines
+from dnet_fast.convert.golden import GOLDEN, Golden, check_golden, summary_lines
 from dnet_fast.convert.images import ImageOptions
 from dnet_fast.convert.inputs import array_input, read_splits, split_file_input
 from dnet_fast.convert.pipeline import ConvertOptions, ConvertResult, DatasetInput, convert
@@ -56,7 +56,8 @@ def add_output_args(p: argparse.ArgumentParser, mode: str = "jpg", max_side: int
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--raw-fraction", type=float, default=0.5, help="raw share in FFCV for --mode proportion")
     p.add_argument(
-        "--formats", default="wds,ffcv", help="outputs: wds (tar + DALI index, always) and/or ffcv"
+        "--formats", default="auto",
+        help="outputs: wds (tar + DALI index, always) and/or ffcv; auto: wds, plus ffcv when ffcv imports",
     )
     p.add_argument("--shard-size", type=int, default=5000, help="samples per tar shard (the resume unit)")
     p.add_argument("--workers", type=int, default=4, help="encoding processes (0: in this process)")
@@ -68,12 +69,24 @@ def add_output_args(p: argparse.ArgumentParser, mode: str = "jpg", max_side: int
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    """``--formats``: the listed outputs, or for ``auto`` WebDataset plus FFCV when ffcv imports (said on stdout)."""
+    if text != "auto":
+        return tuple(f for f in text.split(",") if f)
+    from dnet_fast.convert.beton import ffcv_available
+
+    if ffcv_available():
+        return ("wds", "ffcv")
+    print("formats: wds only (ffcv is not installed: pip install 'dnet-fast[ffcv]' adds .beton files)")
+    return ("wds",)
+
+
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     """ConvertOptions from parsed arguments."""
     image = ImageOptions(max_side=args.max_side, mode=args.mode, quality=args.quality, strict=args.strict)
     return ConvertOptions(
         image=image,
-        formats=tuple(f for f in args.formats.split(",") if f),
+        formats=_formats(args.formats),
         shard_size=args.shard_size,
         workers=args.workers,
         skip_bad=args.skip_bad,
@@ -111,10 +124,8 @@ def _split_list_args(splitset: SplitSet) -> Callable[[argparse.ArgumentParser], 
     return add
 
 
-def _golden_errors(splitset: SplitSet, splits: dict[str, SplitFile], lists: dict[str, Path]) -> list[str]:
+def _golden_errors(golden: Golden, splits: dict[str, SplitFile], lists: dict[str, Path]) -> list[str]:
     """Golden-statistics mismatches of the parsed lists, and of the train list's git blob."""
-    golden = splitset.golden
-    assert golden is not None  # noqa: S101 - callers check
     errors = check_golden(splits, golden)
     blob = git_blob_sha1(lists["train"])
     if golden.train_blob and blob != golden.train_blob:
@@ -137,7 +148,7 @@ def _run_split_lists(splitset: SplitSet) -> Callable[[argparse.Namespace, list[s
         splits = read_splits(lists, args.num_classes)
         print("\n".join(summary_lines(splits)))
         if chosen.golden is not None:
-            errors = _golden_errors(chosen, splits, lists)
+            errors = _golden_errors(chosen.golden, splits, lists)
             if errors:
                 print("golden check failed (pass --no-golden for subsets or custom lists):\n  "
                       + "\n  ".join(errors), file=sys.stderr)
