@@ -15,7 +15,7 @@ TEST_DEPS := pytest pytest-timeout hypothesis webdataset matplotlib ruff
 EXTRA_DEPS := nvidia-dali-cuda130 numba webdataset
 APT_DEPS := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: demo demo-stage2 test lint bench clean
+.PHONY: demo demo-stage2 test lint bench clean ffcv
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,9 @@ $(VENV)/.core: constraints.txt | $(PYTHON)
 	$(PIPI) $(CORE_DEPS)
 	touch $@
 
+# Development/CI build: compiler warnings are errors here (CMake option DNET_WERROR, OFF for users' installs).
 $(VENV)/.built: $(VENV)/.core CMakeLists.txt pyproject.toml $(wildcard csrc/*)
-	$(PIPI) --no-build-isolation --no-deps -e .
+	$(PIPI) --no-build-isolation --no-deps -e . -Ccmake.define.DNET_WERROR=ON
 	touch $@
 
 $(VENV)/.apt:
@@ -38,8 +39,15 @@ $(VENV)/.apt:
 
 $(VENV)/.test: $(VENV)/.core $(VENV)/.apt constraints.txt
 	$(PIPI) $(TEST_DEPS) $(EXTRA_DEPS)
-	$(PIPI) ffcv || echo "note: ffcv did not install; its tests skip"
+	$(MAKE) --no-print-directory ffcv || echo "note: ffcv did not install; its tests skip"
 	touch $@
+
+# The [ffcv] extra builds from source: check its system packages first and say which are missing.
+ffcv: $(VENV)/.core
+	@command -v pkg-config >/dev/null || { echo "ffcv needs pkg-config: apt-get install $(APT_DEPS)" >&2; exit 1; }
+	@for pc in opencv4 libturbojpeg; do pkg-config --exists $$pc || { \
+	  echo "ffcv needs $$pc (pkg-config cannot find $$pc.pc): apt-get install $(APT_DEPS)" >&2; exit 1; }; done
+	$(PIPI) numba ffcv
 
 # Paired seeds of CE, Balanced Softmax and Difficulty-Net (exact) on the embedded long-tailed dataset (2 runs at a
 # time, one thread each), then the runs table, paired 95 % intervals and the figures (tools/run_demo.py).

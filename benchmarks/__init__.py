@@ -7,4 +7,9 @@ registers it with ``@BENCHMARKS.register("<name>")``; the runner imports every s
 
 from __future__ import annotations
 
+from benchmarks.installed import prefer_installed_dnet_fast
+
 __all__: list[str] = []
+
+# Before any benchmark imports dnet_fast: a wheel user's clone must not shadow the installed build (installed.py).
+prefer_installed_dnet_fast()

@@ -1,14 +1,18 @@
-"""The ``dnet-fast`` command line: train | eval | info | report | plot | compare | bench (parse → one library call)."""
+"""The ``dnet-fast`` command line: train | eval | info | report | plot | compare | convert | bench (parse → one call)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-__all__ = ["get_parser", "main"]
+__all__ = ["get_parser", "main", "split_train_tokens"]
 
 # Convenience flags of `train`, each a shorthand for one dotted override.
 _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
@@ -16,6 +20,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--data", "data.root", str, "converted shard directory (implies --dataset shards unless given)"),
     ("--root", "data.root", str, "dataset root (CIFAR python folder or image root)"),
     ("--loader", "data.loader", str, "train loader: auto | resident | naive | ffcv | dali"),
+    ("--workers", "data.workers", int, "loader workers/threads (-1: what the training threads leave)"),
     ("--imbalance", "data.imbalance", float, "imbalance ratio ρ of generated/CIFAR-LT profiles"),
     ("--backbone", "model.backbone", str, "model registry name (resnet32, resnet50, resnet152, ...)"),
     ("--head", "model.head", str, "classifier head: linear | cosine"),
@@ -28,19 +33,33 @@ _TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--batch-size", "optim.batch_size", int, "training batch size"),
     ("--lr", "optim.lr", float, "peak learning rate"),
     ("--seed", "run.seed", int, "seed of every random draw"),
+    ("--max-iters", "run.max_iters", int, "stop after N iterations in total, then evaluate (smoke runs)"),
     ("--out", "run.out_dir", str, "run directory"),
     ("--device", "run.device", str, "auto | cpu | cuda"),
     ("--precision", "run.precision", str, "fp32 | bf16"),
     ("--method", "stage2.method", str, "stage-2 method with --from: crt | lws | tau_norm | las"),
 )
 
+# `section.key=value`: the shape of a dotted override (a preset name or YAML path never has it).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.\w+=")
+
+_EPILOG_TRAIN = (
+    "Positional tokens may stand anywhere among the flags: at most one PRESET (a name from "
+    "`dnet-fast info --presets` or a YAML path) and any number of section.key=value overrides."
+)
+
 
 def get_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``dnet-fast`` (reusable by tests and docs)."""
+    """The argument parser of ``dnet-fast`` (reusable by tests and docs).
+
+    ``train`` is parsed with ``parse_known_args``: its positional tokens (preset, overrides) are sorted by
+    :func:`split_train_tokens`, so that they may come before, between or after the flags.
+    """
     parser = argparse.ArgumentParser(prog="dnet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model (default: Difficulty-Net on the embedded dataset)")
+    train = sub.add_parser("train", help="train a model (default: Difficulty-Net on the embedded dataset)",
+                           epilog=_EPILOG_TRAIN)
     train.add_argument("preset", nargs="?", default=None,
                        help="preset name (dnet-fast info --presets) or YAML path; omitted: defaults")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=0.05")
@@ -51,11 +70,15 @@ def get_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     train.add_argument("--no-graph", action="store_true", help="run the step eagerly (no CUDA graph)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML and exit (nothing is trained or written)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its test (or val) set")
     ev.add_argument("checkpoint")
     ev.add_argument("--split", choices=("test", "val"), default="test")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--data", default=None, metavar="DIR",
+                    help="dataset root to use instead of the checkpoint's data.root (moved or copied data)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     info = sub.add_parser("info", help="versions, CUDA, extension build status, presets")
@@ -82,9 +105,29 @@ def get_parser() -> argparse.ArgumentParser:
                          help="finished runs of method B (paired with A by config.run.seed)")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
-    bench = sub.add_parser("bench", help="run the benchmark suite from a source checkout (runner's own flags)")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks")
+
+    sub.add_parser("convert", add_help=False,
+                   help="convert a dataset to shards: places-lt | imagenet-lt | cifar-lt | list (see convert -h)")
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark suite from a source checkout (runner's own flags; bench -h)")
     return parser
+
+
+def split_train_tokens(tokens: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+    """Sorts train's positional tokens into (preset, overrides in order, unrecognised tokens).
+
+    A token shaped ``section.key=value`` is an override; the first other token is the preset; flags argparse did
+    not know and any further non-override token are unrecognised.
+    """
+    preset, overrides, unknown = None, [], []
+    for token in tokens:
+        if _OVERRIDE.match(token):
+            overrides.append(token)
+        elif token.startswith("-") or preset is not None:
+            unknown.append(token)
+        else:
+            preset = token
+    return preset, overrides, unknown
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -103,26 +146,23 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _split_preset(args: argparse.Namespace) -> None:
-    """``train optim.lr=1`` puts the first override in ``preset``; move it back."""
-    if args.preset is not None and "=" in args.preset:
-        args.overrides.insert(0, args.preset)
-        args.preset = None
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dnet_fast import distributed
-    from dnet_fast.config import load_config
-    from dnet_fast.engine import fit
-    from dnet_fast.report import format_results
-
-    _split_preset(args)
     if args.from_run is not None:
         return _train_stage2(args)
-    cfg = load_config(args.preset, _train_overrides(args))
+    from dnet_fast import distributed
+    from dnet_fast.config import dump_yaml, load_config, resolve_paths
+    from dnet_fast.plugins import check_names
+
+    cfg = resolve_paths(check_names(load_config(args.preset, _train_overrides(args))))
     if cfg.stage2.method != "none":
         msg = f"{args.preset or 'the config'} is a stage-2 config (stage2.method={cfg.stage2.method}): add --from RUN_DIR"
         raise ValueError(msg)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from dnet_fast.engine import fit
+    from dnet_fast.report import format_results
+
     with distributed.reported("dnet-fast train"):  # under torchrun: errors name the rank; no-op otherwise
         results = fit(cfg, resume=args.resume)
     if distributed.env_rank() == 0:
@@ -131,6 +171,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_stage2(args: argparse.Namespace) -> int:
+    from dnet_fast.config import dump_yaml
     from dnet_fast.report import format_results
     from dnet_fast.stage2.train import fit_stage2, load_stage2_config
 
@@ -138,6 +179,9 @@ def _train_stage2(args: argparse.Namespace) -> int:
         msg = "--resume is for stage-1 runs; a stage-2 run restarts from --from"
         raise ValueError(msg)
     cfg = load_stage2_config(args.preset, args.from_run, _train_overrides(args))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     results = fit_stage2(cfg)
     print(format_results(results, cfg.run.out_dir))
     return 0
@@ -147,7 +191,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dnet_fast.evaluation import evaluate_checkpoint
     from dnet_fast.report import format_eval
 
-    result = evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device, data_root=args.data)
     print(json.dumps(result, indent=2) if args.json else format_eval(result))
     return 0
 
@@ -192,40 +236,66 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.runner import main as bench_main
-    except ImportError:
-        print("dnet-fast bench: the benchmarks/ folder of a source checkout must be importable "
-              "(run from the repository root)", file=sys.stderr)
+def _cmd_convert(argv: list[str]) -> int:
+    from dnet_fast.convert.cli import main as convert_main
+
+    return convert_main(argv, prog="dnet-fast convert")
+
+
+def _source_checkout() -> Path | None:
+    """The source checkout holding ``benchmarks/``: already importable, or the current folder or a parent."""
+    found = importlib.util.find_spec("benchmarks")
+    if found is not None and found.origin:
+        return Path(found.origin).resolve().parents[1]
+    here = Path.cwd().resolve()
+    return next((d for d in (here, *here.parents) if (d / "benchmarks" / "runner.py").is_file()), None)
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    checkout = _source_checkout()
+    if checkout is None:
+        print("dnet-fast bench: error: the benchmarks are not part of the package: run this inside a clone of "
+              "the dnet-fast repository (it holds benchmarks/)", file=sys.stderr)
         return 2
-    return bench_main(args.args)
+    if str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # behind site-packages: an installed dnet_fast keeps precedence
+    from benchmarks.runner import main as bench_main
+
+    return bench_main(argv)
 
 
-_COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "report": _cmd_report,
-             "plot": _cmd_plot, "compare": _cmd_compare, "bench": _cmd_bench}
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "report": _cmd_report,
+    "plot": _cmd_plot, "compare": _cmd_compare,
+}
+# Everything after these belongs to their own parsers (the converters' and the benchmark runner's flags).
+_PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"convert": _cmd_convert, "bench": _cmd_bench}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dnet-fast`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # Everything after `bench` belongs to the benchmark runner's own parser (--cpu, --only, ...).
-        return _cmd_bench(argparse.Namespace(args=argv[1:]))
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parses ``argv``; train's positional tokens may stand anywhere among its flags."""
     parser = get_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
-        # Overrides after the flags (`train demo_stage2 --from RUN --method las stage2.epochs=5`): argparse stops
-        # collecting a positional list at the first option.
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "train":
+        tokens = ([args.preset] if args.preset else []) + list(args.overrides) + extras
+        args.preset, args.overrides, extras = split_train_tokens(tokens)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _run(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in _PASSTHROUGH:
+        return _PASSTHROUGH[argv[0]](argv[1:])
+    args = _parse(argv)
     _configure_logging()
     try:
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:
+        raise
     except (ValueError, OSError, ImportError) as err:
-        # Bad values, unknown names, unreadable files, a missing optional dependency (matplotlib for plot):
-        # one clear line, non-zero exit, nothing written.
+        # Bad values, unknown names, unreadable files, a missing optional dependency (a loader's package,
+        # matplotlib for plot): one clear line, non-zero exit, nothing written.
         print(f"dnet-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
@@ -245,6 +315,33 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("dnet-fast: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null so that the interpreter's final flush cannot fail on the closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stdout (tests) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dnet-fast`` console script; returns the exit status.
+
+    A reader that closes the pipe early (``dnet-fast eval --json | head``) ends the command quietly with
+    status 0: what it printed up to then was complete, the rest was not wanted.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    return status
 
 
 if __name__ == "__main__":

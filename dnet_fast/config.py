@@ -85,8 +85,13 @@ class DataConfig:
     val_list: str = ""  # split file for the val (= meta) set
     test_list: str = ""  # split file for the test set
     meta_per_class: int = 10  # meta/val images per class drawn from the val split file (splits dataset)
-    loader: str = "auto"  # train loader registry name: auto | resident | naive | ffcv | dali
-    workers: int = 2  # loader worker processes/threads
+    # train loader registry name: resident | naive | ffcv | dali, or auto = the fastest that fits the data:
+    # resident (decoded set in memory) when the split is in memory or its decoded size fits the device's budget,
+    # else ffcv (.beton converted, ffcv importable), else dali (shards, DALI importable), else naive
+    loader: str = "auto"
+    # loader worker processes/threads; -1 = auto: max(1, usable CPUs − training threads), where the training
+    # threads are torch.get_num_threads() on the CPU and 1 on CUDA (more workers only contend with the step)
+    workers: int = -1
     augment: str = "auto"  # train augmentation family: auto | cifar | imagenet | none (crop and flip)
     autoaugment: str = ""  # AutoAugment policy after crop/flip: "" | cifar10 (SPEC §6.1)
     randaugment: str = ""  # timm RandAugment spec, e.g. rand-n2-m10-mstd0.5 ("" = off; SPEC §6.2)
@@ -188,6 +193,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the backbone
     graph: str = "auto"  # CUDA-graph step: auto | on | off
     dist_timeout: int = 600  # under torchrun: seconds a collective waits for the other ranks before failing
+    max_iters: int = 0  # stop after this many iterations in total, then evaluate and finish (0: no cap; smoke runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +272,7 @@ def _check_data(c: TrainConfig) -> None:
     _require(d.val_per_class >= 1, "data.val_per_class", f"must be >= 1, got {d.val_per_class}")
     _require(d.test_per_class >= 1, "data.test_per_class", f"must be >= 1, got {d.test_per_class}")
     _require(d.meta_per_class >= 1, "data.meta_per_class", f"must be >= 1, got {d.meta_per_class}")
-    _require(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _require(d.workers >= -1, "data.workers", f"must be >= 0 or -1 (auto), got {d.workers}")
     _choice(d.cifar_variant, "data.cifar_variant", CIFAR_VARIANTS)
     _choice(d.augment, "data.augment", ["auto", *AUGMENT_FAMILIES])
     _require(d.color_jitter >= 0, "data.color_jitter", f"must be >= 0, got {d.color_jitter}")
@@ -330,6 +336,7 @@ def _check_run(c: TrainConfig) -> None:
     _require(r.log_every >= 1, "run.log_every", "must be >= 1")
     _choice(r.select, "run.select", SELECTIONS)
     _require(r.threads >= 0, "run.threads", "must be >= 0")
+    _require(r.max_iters >= 0, "run.max_iters", f"must be >= 0 (0: no cap), got {r.max_iters}")
     _choice(r.graph, "run.graph", GRAPH_CHOICES)
     _require(r.dist_timeout >= 1, "run.dist_timeout", f"must be >= 1 second, got {r.dist_timeout}")
 
@@ -560,3 +567,18 @@ def load_config(preset: str | None = None, overrides: typing.Iterable[str] = ())
 def dump_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+_PATH_KEYS = ("root", "train_list", "val_list", "test_list")  # DataConfig keys naming files or folders
+
+
+def _absolute(section: Any, keys: typing.Iterable[str]) -> Any:
+    paths = {k: str(Path(v).expanduser().resolve()) for k in keys if (v := getattr(section, k))}
+    return replace(section, **paths) if paths else section
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the data paths and the pretrained checkpoint made absolute (against the current directory),
+    so that the run's config.yaml and checkpoints name the same files from any working directory (``dnet-fast
+    eval`` elsewhere)."""
+    return replace(cfg, data=_absolute(cfg.data, _PATH_KEYS), model=_absolute(cfg.model, ("pretrained",)))

@@ -20,8 +20,9 @@ from dnet_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dnet_fast.config import TrainConfig, config_to_dict
+from dnet_fast.config import TrainConfig, config_to_dict, resolve_paths
 from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, MetaSet, Recipe, make_loader
+from dnet_fast.data.loaders import loader_workers, resolve_loader
 from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.evaluation import class_accuracy, evaluate, evaluate_from_accuracy, resolve_device
 from dnet_fast.history import HistoryWriter
@@ -62,6 +63,7 @@ class Session:
     loader: Any  # a dnet_fast.data Loader
     valset: MetaSet  # the val (= meta) images, eval-transformed once and kept on the device
     dist: Collective = LOCAL  # this process's rank under torchrun (dnet_fast.distributed); LOCAL otherwise
+    loader_info: dict[str, Any] = dataclasses.field(default_factory=dict)  # resolved loader name and workers
 
     @property
     def device(self) -> torch.device:
@@ -82,8 +84,8 @@ def _loader_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, 
     overrides = {} if cfg.data.augment == "auto" else {"augment": cfg.data.augment}
     return LoaderSpec.for_bundle(
         bundle, cfg.optim.batch_size if train else cfg.run.eval_batch, device=device, seed=cfg.run.seed,
-        workers=cfg.data.workers, crop_size=cfg.data.crop_size, train=train, num_epochs=cfg.optim.epochs,
-        recipe=recipe_of(cfg), rank=dist.rank, world_size=dist.world_size, **overrides,
+        workers=loader_workers(cfg.data.workers, device), crop_size=cfg.data.crop_size, train=train,
+        num_epochs=cfg.optim.epochs, recipe=recipe_of(cfg), rank=dist.rank, world_size=dist.world_size, **overrides,
     )
 
 
@@ -104,8 +106,9 @@ def build_session(cfg: TrainConfig) -> Session:
         torch.set_num_threads(cfg.run.threads)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)
     stack = build_stack(cfg, bundle.class_counts, device, collective=dist)
-    loader = make_loader(cfg.data.loader, bundle.train, _loader_spec(cfg, bundle, device, train=True, dist=dist),
-                         bundle)
+    spec = _loader_spec(cfg, bundle, device, train=True, dist=dist)
+    name = resolve_loader(cfg.data.loader, bundle, spec)  # auto: the fastest available (data.loaders)
+    loader = make_loader(name, bundle.train, spec, bundle)
     if len(loader) == 0:
         msg = (f"invalid config value optim.batch_size: {cfg.optim.batch_size} is larger than the training set "
                f"({len(bundle.train)} images): every epoch would run zero iterations")
@@ -114,7 +117,7 @@ def build_session(cfg: TrainConfig) -> Session:
         bundle.val, bundle, device=device, seed=cfg.run.seed, sampler=cfg.meta.sampler,
         crop_size=cfg.data.crop_size, batch_size=cfg.run.eval_batch,
     )
-    return Session(cfg, bundle, stack, loader, valset, dist)
+    return Session(cfg, bundle, stack, loader, valset, dist, {"name": name, "workers": spec.workers})
 
 
 def _val_accuracy(s: Session) -> torch.Tensor:
@@ -181,10 +184,15 @@ class _Guard:
         raise TrainingDiverged(epoch, step, step - self.epoch_starts[epoch], self.checkpoint)
 
 
+def _capped(cfg: TrainConfig, global_step: int) -> bool:
+    """Whether ``run.max_iters`` (0: no cap) iterations have been run in total."""
+    return 0 < cfg.run.max_iters <= global_step
+
+
 def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog, history: HistoryWriter,
                  guard: _Guard) -> tuple[int, dict[str, Any], np.ndarray]:
-    """Runs one epoch of meta steps; returns the new global step, epoch statistics and the train accuracy of the
-    epoch's last refresh interval."""
+    """Runs one epoch of meta steps (ending early at ``run.max_iters``); returns the new global step, epoch
+    statistics and the train accuracy of the epoch's last refresh interval."""
     cfg, meta, step = s.cfg, s.stack.meta, s.stack.step
     s.stack.model.train()
     start, images = time.perf_counter(), 0
@@ -213,6 +221,8 @@ def _train_epoch(s: Session, epoch: int, global_step: int, log: RunLog, history:
             guard.check()
             logged = s.dist.mean_scalars(stats)  # the global batch's loss under torchrun
             log.log("train", global_step, {**logged, "lr": s.stack.optimizer.param_groups[0]["lr"]})  # sync point
+        if _capped(cfg, global_step):
+            break
     guard.check()  # before anything of this epoch is evaluated or checkpointed
     seconds = time.perf_counter() - start
     correct, total = s.dist.summed(step.counter.correct.sum(), step.counter.total.sum())
@@ -231,7 +241,9 @@ def _scalars(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Trains per ``cfg``, checkpointing after every epoch, and evaluates the selected model on the test set.
 
-    Everything that can be checked is checked before the run directory is touched: plugin names, the data, the
+    With ``run.max_iters`` the run ends after that many iterations in total (mid-epoch: that epoch counts as
+    done); it is then evaluated and written like a finished run. Data paths are made absolute first
+    (``config.resolve_paths``). Everything that can be checked is checked before the run directory is touched: plugin names, the data, the
     batch size against the training set, a fresh directory (or, with ``resume``, a loadable checkpoint whose
     config matches). A non-finite loss, gradient, parameter or class weight stops the run (`TrainingDiverged`)
     at the next logging point; no non-finite state is ever checkpointed or evaluated.
@@ -250,6 +262,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None
     if resume and not cfg.run.out_dir:
         msg = "--resume needs the run to continue: set run.out_dir=RUN_DIR"
         raise ValueError(msg)
+    cfg = resolve_paths(cfg)
     if distributed.launched() and not cfg.run.out_dir:
         msg = "under torchrun every rank must write to the same run: set run.out_dir=RUN_DIR"
         raise ValueError(msg)
@@ -298,6 +311,8 @@ def _run(s: Session, out: Path, log: RunLog, history: HistoryWriter, progress_st
     guard = _Guard(s, progress_state["global_step"], epoch_starts)
     started = time.perf_counter()
     for epoch in range(first, last):
+        if _capped(cfg, progress_state["global_step"]):
+            break
         epoch_starts[epoch] = progress_state["global_step"]
         apply_lr(s.stack.optimizer, lr_factor(epoch, cfg.optim))
         _install_accuracy(s, epoch, acc)
@@ -329,7 +344,8 @@ def _run(s: Session, out: Path, log: RunLog, history: HistoryWriter, progress_st
             eta = elapsed / (epoch + 1 - first) * (last - epoch - 1)
             print(epoch_line(epoch, cfg.optim.epochs, row, eta_s=eta), flush=True)
         s.dist.barrier()  # the files exist before any rank may read them
-    results = _final_results(s, out, progress_state, finished=progress_state["epoch"] >= cfg.optim.epochs)
+    finished = progress_state["epoch"] >= cfg.optim.epochs or _capped(cfg, progress_state["global_step"])
+    results = _final_results(s, out, progress_state, finished=finished)
     log.write_json("results.json", results)
     return results
 
@@ -338,6 +354,8 @@ def _final_results(s: Session, out: Path, progress_state: dict[str, Any], *, fin
     results: dict[str, Any] = {
         "config": config_to_dict(s.cfg),
         "epochs_done": progress_state["epoch"],
+        "iterations": progress_state["global_step"],
+        "loader": s.loader_info,
         "best_val": progress_state["best_val"],
         "best_epoch": progress_state["best_epoch"],
         "class_counts": [int(c) for c in s.bundle.class_counts],

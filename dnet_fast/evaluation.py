@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dnet_fast.checkpoint import CheckpointError, load_checkpoint
-from dnet_fast.config import TrainConfig, config_from_dict
+from dnet_fast.config import TrainConfig, config_from_dict, resolve_paths
 from dnet_fast.data import DATASETS, DataBundle, eval_batches, group_accuracies
 from dnet_fast.distributed import LOCAL, Collective
 from dnet_fast.metrics import class_counter
@@ -125,11 +125,23 @@ def _checkpoint_model(cfg: TrainConfig, num_classes: int, state: dict[str, Any])
     return build_model(dataclasses.replace(cfg.model, pretrained=""), num_classes)
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test)."""
+def evaluate_checkpoint(
+    path: str | Path, *, split: str = "test", device: str = "auto", data_root: str | Path | None = None
+) -> dict[str, Any]:
+    """Rebuilds the run of checkpoint ``path`` and evaluates its model on ``split`` (val or test).
+
+    Args:
+        path: a checkpoint written by stage 1 (``engine.fit``) or stage 2.
+        split: ``test`` or ``val``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        data_root: replaces the checkpoint's ``data.root`` (the data was moved or copied); relative paths are
+            taken from the current directory.
+    """
     state = load_checkpoint(path, map_location="cpu")
     cfg = config_from_dict(state["config"], source=str(path))
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device=device, progress=False)).validate()
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root))
+    run = dataclasses.replace(cfg.run, device=device, progress=False)
+    cfg = resolve_paths(dataclasses.replace(cfg, data=data, run=run)).validate()
     check_names(cfg)
     dev = resolve_device(device)
     bundle = DATASETS.get(cfg.data.dataset)(cfg.data, cfg.data.seed)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dnet_fast.cli import main
 from tests.runfiles import write_results
@@ -41,7 +44,7 @@ def test_table4_modes_train_end_to_end(tiny_overrides, tmp_path, capsys, mode, l
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("dnet-fast") or str(Path(__import__("sys").executable).parent / "dnet-fast")
+    exe = shutil.which("dnet-fast") or str(Path(sys.executable).parent / "dnet-fast")
     done = subprocess.run([exe, "info", "--json"], capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(done.stdout)["extension"]["built"] is True
 
@@ -142,3 +145,114 @@ def test_bench_passes_its_flags_to_the_runner(monkeypatch):
     monkeypatch.setattr(benchmarks.runner, "main", lambda argv: seen.setdefault("argv", argv) and 0)
     assert main(["bench", "--cpu", "--only", "step"]) == 0
     assert seen["argv"] == ["--cpu", "--only", "step"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags and overrides in any order, --print-config, --max-iters
+
+
+def _printed_config(capsys, argv):
+    assert main(argv) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_flags_and_overrides_in_any_order(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _printed_config(
+        capsys, ["train", "cifar100_lt_r32_ir100", "--root", "cifar", "optim.epochs=200", "--print-config"]
+    )
+    assert (cfg["data"]["dataset"], cfg["optim"]["epochs"]) == ("cifar100_lt", 200)
+    assert cfg["data"]["root"] == str(tmp_path / "cifar")  # absolute: the run stores where the data was
+    cfg = _printed_config(capsys, ["train", "demo", "--resume", "run.out_dir=runs/demo", "--print-config"])
+    assert cfg["run"]["out_dir"] == "runs/demo"
+    cfg = _printed_config(
+        capsys, ["train", "optim.lr=0.5", "--seed", "3", "demo", "meta.lambda_dr=0.2", "--print-config"]
+    )
+    assert (cfg["optim"]["lr"], cfg["run"]["seed"], cfg["meta"]["lambda_dr"]) == (0.5, 3, 0.2)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_is_the_resolved_config_and_writes_nothing(tiny_overrides, tmp_path, capsys):
+    from dnet_fast.config import config_to_dict, load_config
+
+    cfg = _printed_config(capsys, ["train", *tiny_overrides, "--max-iters", "3", "--print-config"])
+    assert cfg == config_to_dict(load_config(None, [*tiny_overrides, "run.max_iters=3"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_positional_tokens_that_are_not_overrides_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "demo", "cifar100_lt_r32_ir100", "--print-config"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: cifar100_lt_r32_ir100" in capsys.readouterr().err
+
+
+def test_max_iters_stops_the_run_and_still_evaluates(tiny_overrides, tmp_path, capsys):
+    half = len(tiny_overrides) // 2  # flags between the overrides
+    argv = ["train", *tiny_overrides[:half], "--meta", "driver", *tiny_overrides[half:], "--max-iters", "3"]
+    assert main(argv) == 0
+    assert "| test |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["iterations"], results["epochs_done"]) == (3, 1)  # 5 batches per epoch: stopped in epoch 0
+    assert "top1" in results["test"]
+    assert results["loader"] == {"name": "resident", "workers": results["loader"]["workers"]}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["kind"] == "train") <= 3
+    assert main(["train", *tiny_overrides, "--max-iters", "-1"]) == 2
+    assert "run.max_iters" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval from any working directory, --data, a closed pipe
+
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory):
+    """A 2-epoch run (1 batch each) on converted Places-LT-like shards, trained with a relative data root."""
+    from dnet_fast.convert import ConvertOptions, ImageOptions, convert, read_splits, split_file_input
+    from tests.conftest import TINY_OVERRIDES
+    from tests.places_tree import build_tree
+
+    base = tmp_path_factory.mktemp("shard_run")
+    tree = build_tree(base)
+    opts = ConvertOptions(image=ImageOptions(max_side=64), formats=("wds",), progress=False, workers=0)
+    convert(split_file_input("places_lt", tree.root, read_splits(tree.lists, 365)), base / "shards", opts)
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith("data.")]
+    cwd = Path.cwd()
+    os.chdir(base)
+    try:
+        argv = ["train", "--data", "shards", *tiny, "data.crop_size=16", "data.meta_per_class=2", "--out", "run"]
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    return base
+
+
+def test_eval_from_another_directory_and_with_data(shard_run, tmp_path, monkeypatch, capsys):
+    ckpt = shard_run / "run" / "last.pt"
+    monkeypatch.chdir(tmp_path)  # the run used a relative data root: it was stored absolute
+    assert main(["eval", str(ckpt), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    moved = tmp_path / "moved"
+    shutil.copytree(shard_run / "shards", moved)
+    (moved / "train.samples.tsv").rename(moved / "x")  # the copy is damaged: --data must be what is read
+    assert main(["eval", str(ckpt), "--data", "moved"]) == 2
+    assert "moved" in capsys.readouterr().err
+    (moved / "x").rename(moved / "train.samples.tsv")
+    assert main(["eval", str(ckpt), "--data", "moved", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == first["top1"]
+
+
+def test_eval_into_a_closed_pipe_exits_quietly(shard_run):
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written (`| head` that already finished)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dnet_fast", "eval", str(shard_run / "run" / "last.pt"), "--json"],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, cwd=shard_run,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == ""
+    assert done.returncode == 0

@@ -325,3 +325,83 @@ def test_tool_golden_check_and_exit_codes(tree, tmp_path, capsys):
     assert main(_tool_args(tree, tmp_path / "out")) == 1
     assert main([*_tool_args(tree, tmp_path / "out"), "--skip-bad"]) == 0
     assert "skipped 1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Split files are asked for explicitly: --split-dir or --<split>-list (dnet-fast convert, tools/ wrappers)
+
+
+def test_missing_split_files_end_in_one_line_and_nothing_written(tree, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_places_lt.py"), "--root", str(tree.root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no traceback
+    for needle in ("--split-dir", "--train-list", "Places_LT_train.txt", "Difficulty_Net", "golden", "62,500"):
+        assert needle in proc.stderr
+    assert not out.exists()
+
+
+def test_imagenet_lt_names_the_train_list_it_expects(tmp_path, capsys):
+    from dnet_fast.cli import main
+
+    out = tmp_path / "out"
+    base = ["convert", "imagenet-lt", "--root", str(tmp_path), "--out", str(out), "--split-dir", str(SPLITS_DIR)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "train split file not found" in err
+    assert "115,846 lines" in err
+    assert "a063f095fcd475db4cf8b0658c4b73955535bbf9" in err
+    train = tmp_path / "ImageNet_LT_train.txt"  # a list of the wrong length: refused by the golden check
+    train.write_text("train/n01440764/n01440764_10026.JPEG 0\n")
+    assert main([*base, "--train-list", str(train)]) == 2
+    err = capsys.readouterr().err
+    assert "train images: expected 115846, got 1" in err
+    assert "train list git blob: expected a063f095fcd475db4cf8b0658c4b73955535bbf9" in err
+    assert not out.exists()
+
+
+def test_split_dir_and_the_list_converter(tree, tmp_path, capsys):
+    from dnet_fast.cli import main
+
+    common = ["--root", str(tree.root), "--formats", "wds", "--max-side", "80", "--workers", "0", "--no-progress"]
+    places = ["convert", "places-lt", "--split-dir", str(tree.lists["train"].parent), "--no-golden"]
+    assert main([*places, "--out", str(tmp_path / "places"), *common]) == 0
+    own = tmp_path / "lists"  # a user's own lists: train.txt, val.txt, test.txt
+    own.mkdir()
+    for split, path in tree.lists.items():
+        shutil.copy(path, own / f"{split}.txt")
+    assert main(["convert", "list", "--split-dir", str(own), "--dataset", "mini", "--out", str(tmp_path / "own"),
+                 *common]) == 0
+    assert "golden" not in capsys.readouterr().out  # no golden check unless asked
+    a, b = verify_output(tmp_path / "places"), verify_output(tmp_path / "own")
+    assert (a["dataset"], b["dataset"]) == ("places_lt", "mini")
+    assert {k: v for k, v in a["files"].items() if k.endswith(".tar")} == {
+        k: v for k, v in b["files"].items() if k.endswith(".tar")
+    }
+    asked = ["convert", "list", "--split-dir", str(own), "--golden", "places_lt", "--out", str(tmp_path / "no")]
+    assert main([*asked, *common]) == 2
+    assert "train images: expected 62500, got 30" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_ffcv_output_without_ffcv_fails_before_writing_and_auto_skips_it(tree, tmp_path, monkeypatch, capsys):
+    from dnet_fast.cli import main
+    from dnet_fast.convert import beton
+
+    monkeypatch.setattr(beton, "ffcv_available", lambda: False)
+    opts = ConvertOptions(image=ImageOptions(max_side=80), formats=("wds", "ffcv"), progress=False, workers=0)
+    with pytest.raises(ConversionError, match="ffcv is not installed"):
+        _convert(tree, tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()  # checked first: no shards written, then refused
+    out = tmp_path / "auto"
+    argv = ["convert", "places-lt", "--split-dir", str(tree.lists["train"].parent), "--no-golden", "--root",
+            str(tree.root), "--out", str(out), "--max-side", "80", "--workers", "0", "--no-progress"]
+    assert main(argv) == 0  # --formats auto: WebDataset shards only, and it says so
+    assert "formats: wds only" in capsys.readouterr().out
+    assert verify_output(out)["splits"]["train"]["beton"] is None

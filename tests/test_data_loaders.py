@@ -12,7 +12,7 @@ from PIL import Image
 from dnet_fast import sampling
 from dnet_fast.config import DataConfig
 from dnet_fast.data import DATASETS, LOADERS, DataBundle, FileSplit, LoaderSpec, TensorSplit
-from dnet_fast.data.loaders import default_loader, eval_batches, make_loader
+from dnet_fast.data.loaders import eval_batches, make_loader, resolve_loader
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _collect(loader, epoch, **kw):
 
 def test_registry_and_default(bundle):
     assert {"naive", "resident"} <= set(LOADERS.names())
-    assert default_loader(bundle) == "resident"
+    assert resolve_loader("auto", bundle, _spec(bundle)) == "resident"
     assert type(make_loader("auto", bundle.train, _spec(bundle), bundle)).__name__ == "ResidentLoader"
     with pytest.raises(ValueError, match="needs the bundle"):
         make_loader("auto", bundle.train, _spec(bundle))
@@ -147,7 +147,7 @@ def test_file_split_eval_identical_between_loaders(file_bundle):
     for (x1, y1), (x2, y2) in zip(resident, naive, strict=True):
         assert torch.equal(y1, y2)
         assert torch.equal(x1, x2)
-    assert default_loader(file_bundle) == "naive"
+    assert resolve_loader("auto", file_bundle, spec) == "resident"  # small: decoded once, no decoding per epoch
 
 
 def test_file_split_decode_error_names_the_file(tmp_path):
@@ -204,3 +204,54 @@ def test_cuda_batches_match_cpu(bundle, file_bundle, name):
             assert x2.device.type == "cuda"
             assert torch.equal(y1, y2.cpu())
             assert torch.allclose(x1, x2.cpu(), atol=1e-4)
+
+
+def _shard_bundle(file_bundle, beton):
+    from dnet_fast.data.shards import ShardSplit
+
+    src = file_bundle.train
+    rows = np.arange(len(src), dtype=np.int64)
+    train = ShardSplit(src.root, src.paths, src.labels, "train", ("train-000000.tar",), beton, rows)
+    return DataBundle(train, src, src, 3, ("a", "b", "c"), "imagenet", (0.5,) * 3, (0.25,) * 3)
+
+
+def test_auto_picks_the_fastest_loader_that_fits(file_bundle, monkeypatch):
+    from dnet_fast.data import loaders
+
+    spec = LoaderSpec.for_bundle(file_bundle, 4, crop_size=8)
+    assert loaders.resolve_loader("auto", file_bundle, spec) == "resident"
+    assert loaders.resolve_loader("naive", file_bundle, spec) == "naive"
+    monkeypatch.setattr(loaders, "RESIDENT_SHARE", 0.0)  # as if the decoded set did not fit in memory
+    with_beton, tars_only = _shard_bundle(file_bundle, "train.beton"), _shard_bundle(file_bundle, None)
+    available = {"ffcv", "nvidia.dali"}
+    monkeypatch.setattr(loaders, "_importable", lambda module: module in available)
+    assert [loaders.resolve_loader("auto", b, spec) for b in (with_beton, tars_only, file_bundle)] == [
+        "ffcv", "dali", "naive"
+    ]
+    available.discard("ffcv")
+    assert loaders.resolve_loader("auto", with_beton, spec) == "dali"
+    available.clear()
+    assert loaders.resolve_loader("auto", with_beton, spec) == "naive"
+
+
+def test_resident_bytes_of_a_file_split(file_bundle):
+    from dnet_fast.data.loaders import resident_bytes
+    from dnet_fast.data.transforms import eval_size
+
+    spec = LoaderSpec.for_bundle(file_bundle, 4, crop_size=8)
+    assert resident_bytes(file_bundle.train, spec) == 10 * eval_size(8) ** 2 * 3
+
+
+def test_auto_workers_leave_the_training_threads_their_cores(monkeypatch):
+    from dnet_fast.data import loaders
+    from dnet_fast.config import TrainConfig
+
+    assert TrainConfig().data.workers == -1  # the default is the rule below
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert (loaders.loader_workers(-1, cpu), loaders.loader_workers(-1, cuda)) == (2, 7)
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert loaders.loader_workers(-1, cpu) == 1  # never 0: the step would decode in its own thread
+    assert (loaders.loader_workers(0, cpu), loaders.loader_workers(3, cpu)) == (0, 3)

@@ -386,7 +386,7 @@ def test_bad_from_directories(stage1, tmp_path, capsys):
     bad.mkdir()
     state = load_checkpoint(stage1 / "last.pt")
     save_checkpoint(bad / "last.pt", {**state, "config": ["not", "a", "mapping"]})
-    _fails([*base, "--from", str(bad)], capsys, r"its config is not a mapping", absent=out)
+    _fails([*base, "--from", str(bad)], capsys, r"not a mapping", absent=out)
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     save_checkpoint(unfinished / "last.pt", {**state, "epoch": 0})

@@ -1,17 +1,18 @@
-"""Convert CIFAR-10/100-LT (python pickles; LT profile and meta set as the cifar*_lt datasets) to shards."""
+"""Convert CIFAR-10/100-LT (python pickles; LT profile and meta set as the cifar*_lt datasets) to shards: ``dnet-fast convert cifar-lt``."""
 
 from __future__ import annotations
 
 import sys
 
-from dnet_fast.convert.cli import run_cifar
+from dnet_fast.convert.cli import main as convert_main
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python tools/convert_cifar_lt.py --root CIFAR --classes 100 --imbalance 100 --out DIR`` (lossless PNG)."""
-    return run_cifar(argv)
+    """Same as ``dnet-fast convert cifar-lt ARGS`` (see ``--help``)."""
+    args = sys.argv[1:] if argv is None else argv
+    return convert_main(["cifar-lt", *args])
 
 
 if __name__ == "__main__":

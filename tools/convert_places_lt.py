@@ -1,28 +1,18 @@
-"""Convert Places-LT (Places365 images + the OLTR split files) to FFCV .beton and WebDataset shards."""
+"""Convert Places-LT (Places365 images + the OLTR split files) to shards: ``dnet-fast convert places-lt``."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from dnet_fast.convert.cli import SplitDefaults, run_split_converter
-from dnet_fast.convert.golden import GOLDEN
+from dnet_fast.convert.cli import main as convert_main
 
-__all__ = ["DEFAULTS", "main"]
-
-SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"  # ../shared/splits beside the checkout
-
-DEFAULTS = SplitDefaults(
-    dataset="places_lt",
-    num_classes=365,
-    lists={s: str(SPLITS / f"Places_LT_{s}.txt") for s in ("train", "val", "test")},
-    golden=GOLDEN["places_lt"],  # 62,500 train / 365 classes / max 4,980 / min 5; val 7,300; test 36,500
-)
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python tools/convert_places_lt.py --root PLACES365 --out DIR`` (OLTR or Places365 data_256 layout)."""
-    return run_split_converter(argv, DEFAULTS)
+    """Same as ``dnet-fast convert places-lt ARGS`` (see ``--help``)."""
+    args = sys.argv[1:] if argv is None else argv
+    return convert_main(["places-lt", *args])
 
 
 if __name__ == "__main__":

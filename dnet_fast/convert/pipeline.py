@@ -100,6 +100,7 @@ def convert(inp: DatasetInput, out_dir: str | Path, opts: ConvertOptions) -> Con
     if done is not None:
         return ConvertResult(out, done, True, [], [])
     excluded = _precheck(inp, opts.skip_bad)
+    _require_ffcv(opts)  # before anything is written, not after the shards
     out.mkdir(parents=True, exist_ok=True)
     remove_tmp_files(out)
     if resume_units is not None:
@@ -118,6 +119,14 @@ def convert(inp: DatasetInput, out_dir: str | Path, opts: ConvertOptions) -> Con
             _write_split_beton(out, split, source, opts, journal)
     meta = _finish(out, inp, opts, journal, state, fingerprint)
     return ConvertResult(out, meta, False, state.skipped, state.repaired)
+
+
+def _require_ffcv(opts: ConvertOptions) -> None:
+    from dnet_fast.convert.beton import ffcv_available
+
+    if "ffcv" in opts.formats and not ffcv_available():
+        msg = "ffcv is not installed: pip install 'dnet-fast[ffcv]' (docs/INSTALL.md) or convert with --formats wds"
+        raise ConversionError(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +252,7 @@ def _members(journal: Journal, split: str) -> list[int]:
 
 
 def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptions, journal: Journal) -> None:
-    from dnet_fast.convert.beton import ffcv_available, write_beton
+    from dnet_fast.convert.beton import write_beton
 
     tars = _split_shards(journal, split)
     inputs = hashlib.sha256(
@@ -254,9 +263,6 @@ def _write_split_beton(out: Path, split: str, source: Source, opts: ConvertOptio
     name = f"{split}/beton"
     if journal.valid(name, inputs=inputs):
         return
-    if not ffcv_available():
-        msg = "ffcv is not installed: install it (see docs) or convert with formats=('wds',) (--formats wds)"
-        raise ConversionError(msg)
     labels = source.labels[np.asarray(_members(journal, split), dtype=np.int64)]
     beton = out / f"{split}.beton"
     write_beton(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dnet_fast.data import cifar_lt, dali_loader, ffcv_loader, shards, splits, synthetic
 from dnet_fast.data.base import DATASETS, LOADERS, DataBundle, FileSplit, Loader, LoaderSpec, TensorSplit
 from dnet_fast.data.groups import FEW_THRESHOLD, MANY_THRESHOLD, group_accuracies, group_sizes, shot_groups
-from dnet_fast.data.loaders import default_loader, eval_batches, make_loader
+from dnet_fast.data.loaders import eval_batches, loader_workers, make_loader, resolve_loader
 from dnet_fast.data.metaset import MetaSet
 from dnet_fast.data.policies import Recipe
 
@@ -25,12 +25,13 @@ __all__ = [
     "TensorSplit",
     "cifar_lt",
     "dali_loader",
-    "default_loader",
     "eval_batches",
     "ffcv_loader",
     "group_accuracies",
     "group_sizes",
+    "loader_workers",
     "make_loader",
+    "resolve_loader",
     "shards",
     "shot_groups",
     "splits",

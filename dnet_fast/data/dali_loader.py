@@ -225,7 +225,8 @@ def read_webdataset_labels(split: ShardSplit, batch_size: int = 64) -> np.ndarra
 
 @LOADERS.register("dali")
 def build_dali(split: ShardSplit, spec: LoaderSpec) -> DaliLoader:
-    """The DALI loader (needs ``pip install nvidia-dali-cuda130``)."""
-    hint = "the dali loader needs nvidia-dali-cuda130 (see docs/INSTALL or the Makefile's dali target)"
+    """The DALI loader (needs the ``dali-cuda12`` or ``dali-cuda13`` extra)."""
+    hint = ("the dali loader needs DALI: pip install 'dnet-fast[dali-cuda13]' (CUDA 13 or CPU only) or "
+            "'dnet-fast[dali-cuda12]' (CUDA 12); see docs/INSTALL.md")
     require_module("nvidia.dali", hint)
     return DaliLoader(split, spec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -15,7 +17,7 @@ from dnet_fast.data.loaders import epoch_indices, num_batches, require_module, t
 from dnet_fast.data.shards import ShardSplit
 from dnet_fast.data.transforms import CIFAR_PAD, RRC_RATIO, RRC_SCALE, batch_generator, draw_params, eval_size
 
-__all__ = ["FfcvLoader", "build_ffcv"]
+__all__ = ["SYSTEM_PACKAGES", "FfcvLoader", "build_ffcv", "ffcv_hint", "missing_system_packages"]
 
 
 @cache
@@ -148,8 +150,38 @@ class FfcvLoader:
         return apply_recipe(images.to(self.device, non_blocking=True), recipe, params)
 
 
+SYSTEM_PACKAGES = {"pkg-config": "pkg-config", "opencv4": "libopencv-dev", "libturbojpeg": "libturbojpeg0-dev"}
+
+
+def missing_system_packages() -> list[str]:
+    """Debian/Ubuntu packages ffcv's build needs that this machine lacks (pkg-config cannot find their .pc)."""
+    pkg_config = shutil.which("pkg-config")
+    if pkg_config is None:
+        return list(SYSTEM_PACKAGES.values())
+    missing = []
+    for pc, package in list(SYSTEM_PACKAGES.items())[1:]:
+        done = subprocess.run([pkg_config, "--exists", pc], capture_output=True, timeout=10, check=False)
+        if done.returncode != 0:
+            missing.append(package)
+    return missing
+
+
+def ffcv_hint() -> str:
+    """How to get a working ffcv here: the extra, its system packages, and which of them are missing."""
+    missing = missing_system_packages()
+    state = f"missing here: {' '.join(missing)}" if missing else "all present here"
+    return (
+        "the ffcv loader needs ffcv: pip install 'dnet-fast[ffcv]' (make ffcv in a checkout) builds it against "
+        f"pkg-config, OpenCV 4 and libjpeg-turbo (Debian/Ubuntu: apt-get install {' '.join(SYSTEM_PACKAGES.values())}"
+        f"; {state}); or choose --loader resident | dali | naive"
+    )
+
+
 @LOADERS.register("ffcv")
 def build_ffcv(split: ShardSplit, spec: LoaderSpec) -> FfcvLoader:
-    """The FFCV loader (needs ``pip install ffcv`` and a directory converted with FFCV output)."""
-    require_module("ffcv", "the ffcv loader needs ffcv (see docs/INSTALL or the Makefile's ffcv target)")
+    """The FFCV loader (needs the ``ffcv`` extra and a directory converted with FFCV output)."""
+    try:
+        require_module("ffcv", "ffcv does not import")
+    except ImportError as err:
+        raise ImportError(f"{ffcv_hint()} [{err.__cause__}]") from err.__cause__
     return FfcvLoader(split, spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +18,7 @@ from dnet_fast.data.base import LOADERS, Batch, DataBundle, FileSplit, LoaderSpe
 from dnet_fast.data.transforms import (
     batch_generator,
     draw_params,
+    eval_size,
     eval_transform,
     normalize,
     pil_decode_resident,
@@ -24,18 +26,22 @@ from dnet_fast.data.transforms import (
     pil_train,
     train_transform,
 )
+from dnet_fast.info import usable_cpus
 
 __all__ = [
+    "RESIDENT_SHARE",
     "ImageDataset",
     "NaiveLoader",
     "ResidentLoader",
-    "default_loader",
     "epoch_indices",
     "eval_batches",
     "make_loader",
     "num_batches",
     "open_image",
     "require_module",
+    "resident_bytes",
+    "resolve_loader",
+    "loader_workers",
     "to_device_batch",
 ]
 
@@ -276,25 +282,75 @@ def build_naive(split: TensorSplit | FileSplit, spec: LoaderSpec) -> NaiveLoader
     return NaiveLoader(split, spec)
 
 
-def default_loader(bundle: DataBundle) -> str:
-    """The loader name ``auto`` resolves to for ``bundle``.
+#: Share of the device's memory (host RAM on the CPU) the resident loader may fill with decoded images.
+RESIDENT_SHARE = 0.25
 
-    ``bundle.info["default_loader"]`` when the dataset names one, else ``resident`` for in-memory splits and
-    ``naive`` for file splits.
+
+def _importable(module: str) -> bool:
+    """Whether an optional loader dependency imports (installed and working: ffcv needs OpenCV, for example)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # a broken install (missing system library) counts as unavailable, whatever it raises
+        return False
+    return True
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, or the host's physical RAM (0 where unknown)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def resident_bytes(split: FileSplit, spec: LoaderSpec) -> int:
+    """Bytes the resident loader would hold for ``split``: N·R·R·3 (ImageNet family, R = the resident side)
+    or N times the first image's H·W·3 (CIFAR family, stored as is)."""
+    if len(split) == 0:
+        return 0
+    if spec.family == "imagenet":
+        side = eval_size(spec.crop_size)
+        return len(split) * side * side * 3
+    with Image.open(split.path(0)) as img:
+        w, h = img.size
+    return len(split) * h * w * 3
+
+
+def resolve_loader(name: str, bundle: DataBundle, spec: LoaderSpec) -> str:
+    """The loader ``name`` stands for: itself, or for ``auto`` the fastest one available for ``bundle.train``.
+
+    ``auto``: the dataset's own choice (``bundle.info["default_loader"]``) when it names one; ``resident`` for
+    in-memory splits and for file splits whose decoded size (:func:`resident_bytes`) fits in ``RESIDENT_SHARE``
+    of the device's memory (one decode at start, then no decoding at all); else ``ffcv`` when the split has a
+    ``.beton`` and ffcv imports; else ``dali`` for converted shards when DALI imports; else ``naive``.
+    The order is what ``benchmarks/bench_train_loaders.py`` measured inside training (RESULTS.md).
     """
+    if name != "auto":
+        return name
     named = bundle.info.get("default_loader")
+    split = bundle.train
     if named:
         return str(named)
-    return "resident" if isinstance(bundle.train, TensorSplit) else "naive"
+    if isinstance(split, TensorSplit):
+        return "resident"
+    if resident_bytes(split, spec) <= RESIDENT_SHARE * _memory_bytes(torch.device(spec.device)):
+        return "resident"
+    if getattr(split, "beton", None) and _importable("ffcv"):
+        return "ffcv"
+    if getattr(split, "tars", None) and _importable("nvidia.dali"):
+        return "dali"
+    return "naive"
 
 
 def make_loader(name: str, split: Any, spec: LoaderSpec, bundle: DataBundle | None = None) -> Any:
-    """Builds loader ``name`` (``auto``: :func:`default_loader` of ``bundle``) for ``split``."""
+    """Builds loader ``name`` (``auto``: :func:`resolve_loader` for ``bundle``) for ``split``."""
     if name == "auto":
         if bundle is None:
             msg = "loader 'auto' needs the bundle to choose"
             raise ValueError(msg)
-        name = default_loader(bundle)
+        name = resolve_loader(name, bundle, spec)
     return LOADERS.get(name)(split, spec)
 
 
@@ -326,3 +382,16 @@ def _tensor_eval(split: TensorSplit, spec: LoaderSpec) -> Iterator[Batch]:
         pixels = split.images[start : start + spec.batch_size].to(device)
         x = eval_transform(pixels, spec.eval_augment, spec.crop_size, spec.mean, spec.std)
         yield x, labels[start : start + spec.batch_size].to(device)
+
+
+def loader_workers(requested: int, device: torch.device | str) -> int:
+    """Loader workers/threads for ``data.workers`` (-1 = auto: what the training threads leave of the CPUs).
+
+    Training on the CPU keeps ``torch.get_num_threads()`` cores busy; on CUDA one host thread feeds the GPU.
+    More loader workers than the cores left over only contend with the step (FFCV with 2 workers beside 2 torch
+    threads on a 2-core box ran 6x slower than with 1).
+    """
+    if requested >= 0:
+        return requested
+    training = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    return max(1, usable_cpus() - training)

@@ -175,7 +175,6 @@ def build_splits(cfg: DataConfig, seed: int) -> DataBundle:
     meta_idx = draw_per_class(full_val.labels, cfg.meta_per_class, seed)
     rest = np.setdiff1d(np.arange(len(full_val)), meta_idx)
     info = {
-        "default_loader": "naive",
         "seed": seed,
         "lists": {k: str(v) for k, v in lists.items()},
         "layouts": {"train": train_layout, "val": val_layout, "test": test_layout},

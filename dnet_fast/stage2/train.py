@@ -34,7 +34,7 @@ from dnet_fast.config import (
     preset_names,
     preset_path,
 )
-from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, eval_batches, make_loader
+from dnet_fast.data import DATASETS, DataBundle, LoaderSpec, eval_batches, loader_workers, make_loader
 from dnet_fast.evaluation import EvalResult, class_accuracy, evaluate_from_accuracy, resolve_device
 from dnet_fast.metrics import class_counter
 from dnet_fast.models import build_model
@@ -229,7 +229,7 @@ def _train_spec(cfg: TrainConfig, bundle: DataBundle, device: torch.device) -> L
     s = cfg.stage2
     family = bundle.augment if cfg.data.augment == "auto" else cfg.data.augment
     return LoaderSpec.for_bundle(
-        bundle, s.batch_size, device=device, seed=cfg.run.seed, workers=cfg.data.workers,
+        bundle, s.batch_size, device=device, seed=cfg.run.seed, workers=loader_workers(cfg.data.workers, device),
         crop_size=cfg.data.crop_size, train=True, order="class_aware", per_visit=s.per_visit,
         num_samples=EPOCH_LENGTHS.get(s.epoch_length)(bundle.class_counts, s.batch_size), num_epochs=s.epochs,
         augment=family if s.augment else "none",
