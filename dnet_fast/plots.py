@@ -312,13 +312,14 @@ def render_entropy(data: Sequence[Curve], path: Path) -> None:
 
 def render_weights(data: Sequence[WeightPanel], path: Path) -> None:
     """Paper Fig. 4: one panel per run, the normalised weight of one many-, medium- and few-shot class."""
-    fig, axes = _figure(len(data), width=5.0)
+    fig, axes = _figure(len(data), width=max(5.0, 7.0 / len(data)))
     for ax, panel in zip(axes, data, strict=True):
         for j, (group, cls, count) in enumerate(zip(panel.groups, panel.classes, panel.counts, strict=True)):
             ax.plot(panel.steps, panel.weights[:, j], label=f"{group}: class {cls} ({count} images)")
         ax.set(xlabel="training step", ylabel="normalised weight w_c / mean(w)", title=panel.label)
         ax.legend()
-    fig.suptitle("Class weights during training: the median-count class of each shot group")
+    title = "Class weights during training" + (": " if len(data) > 1 else "\n") + "the median-count class of each shot group"
+    fig.suptitle(title)
     _save(fig, path)
 
 

@@ -130,11 +130,16 @@ _METHODS = {
     "mwn": "MWN",
     "off": "",
 }
+#: Loss names in labels, as the paper's tables write them.
+_LOSSES = {
+    "ce": "CE", "focal": "Focal", "cb": "CB", "ldam": "LDAM", "eql": "EQL", "cdb_ce": "CDB-CE",
+    "logit_adjust": "Logit adjustment", "balanced_softmax": "Balanced Softmax",
+}
 _WITH_LAMBDA = ("exact", "driver", "exact_absolute", "exact_sample")  # the modes with a driver loss
 
 
 def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
-    """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``balanced_softmax``; a stage-2
+    """A method name from a run's config, e.g. ``Difficulty-Net (exact) + CE`` or ``Balanced Softmax``; a stage-2
     run names both stages, ``Difficulty-Net (exact) + CE → LAS``.
 
     Args:
@@ -145,7 +150,7 @@ def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
     cfg = results["config"]
     mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
     method = _METHODS.get(mode, mode)
-    loss_name = {"ce": "CE"}.get(loss, loss)
+    loss_name = _LOSSES.get(loss, loss)
     label = f"{method} + {loss_name}" if method else loss_name
     if with_lambda and mode in _WITH_LAMBDA and "lambda_dr" in cfg["meta"]:
         label += f", λ = {cfg['meta']['lambda_dr']:g}"

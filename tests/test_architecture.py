@@ -87,6 +87,48 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# The layers of docs/ARCHITECTURE.md, bottom first. A module may import its own layer and the ones below, never one
+# above (cycles inside a layer are caught by the cycle test). A module is placed by its longest listed prefix.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # 0 leaves: no dnet_fast imports (besides the package's version)
+    ("dnet_fast", "dnet_fast.config", "dnet_fast.registry", "dnet_fast.atomic", "dnet_fast.stats"),
+    # 1 core services: the C++ facades and their twin, on-disk formats, checkpoints, environment, collectives
+    ("dnet_fast._reference", "dnet_fast.sampling", "dnet_fast.metrics", "dnet_fast.shardformat",
+     "dnet_fast.shardverify", "dnet_fast.checkpoint", "dnet_fast.info", "dnet_fast.distributed"),
+    # 2 components, each behind a registry
+    ("dnet_fast.models", "dnet_fast.losses", "dnet_fast.schedule", "dnet_fast.data", "dnet_fast.meta",
+     "dnet_fast.stage2", "dnet_fast.stage2.methods", "dnet_fast.stage2.features"),
+    # 3 assembly: the step, the stack builder, the name check, the converters
+    ("dnet_fast.step", "dnet_fast.stack", "dnet_fast.plugins", "dnet_fast.convert"),
+    # 4 runs: the loops of both stages, evaluation and what a run directory holds
+    ("dnet_fast.runlog", "dnet_fast.rundir", "dnet_fast.history", "dnet_fast.records", "dnet_fast.evaluation",
+     "dnet_fast.engine", "dnet_fast.stage2.train"),
+    # 5 analysis of finished runs
+    ("dnet_fast.report", "dnet_fast.plots", "dnet_fast.compare"),
+    # 6 the command line
+    ("dnet_fast.cli", "dnet_fast.__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    best = max((p for layer in LAYERS for p in layer if module == p or module.startswith(p + ".")), key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def test_every_module_has_a_layer():
+    assert all(_layer(m) >= 0 for m in MODULES)
+    assert _layer("dnet_fast.stage2.train") == 4
+    assert _layer("dnet_fast.stage2.methods") == 2
+    assert _layer("dnet_fast.meta.phases") == 2
+    assert _layer("dnet_fast.convert.cli") == 3
+
+
+def test_imports_flow_down_the_layers():
+    upward = sorted(f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+                    for m, deps in GRAPH.items() for d in deps if d != EXTENSION and _layer(d) > _layer(m))
+    assert upward == []
+
+
 def test_the_walk_sees_lazy_and_relative_imports():
     # a cycle made only of a lazy import must be found
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]

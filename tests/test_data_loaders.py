@@ -243,8 +243,8 @@ def test_resident_bytes_of_a_file_split(file_bundle):
 
 
 def test_auto_workers_leave_the_training_threads_their_cores(monkeypatch):
-    from dnet_fast.data import loaders
     from dnet_fast.config import TrainConfig
+    from dnet_fast.data import loaders
 
     assert TrainConfig().data.workers == -1  # the default is the rule below
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -88,7 +88,7 @@ def test_fig3_entropy_per_refresh_with_difficulties(tmp_path):
 def test_fig4_normalised_weights_of_the_chosen_classes(tmp_path):
     runs = load_runs([_cdb_run(tmp_path), _dnet_run(tmp_path)])
     cdb, dnet = weights_data(runs)
-    assert cdb.label == "cdb_ce"
+    assert cdb.label == "CDB-CE"
     assert (dnet.groups, dnet.classes, dnet.counts) == (("many", "medium", "few"), (1, 4, 5), (200, 30, 10))
     np.testing.assert_array_equal(dnet.steps, [0, 10])  # the step-20 row has no weights
     np.testing.assert_allclose(dnet.weights, [[1.0, 1.0, 1.0], [1.0, 2.0, 0.5]])

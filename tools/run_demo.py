@@ -36,7 +36,8 @@ def _train(out: Path, method: str, seed: int) -> tuple[str, int, float]:
     shutil.rmtree(run, ignore_errors=True)  # an interrupted demo run: start it again
     args = ["train", "demo", *METHODS[method], f"run.seed={seed}", f"run.out_dir={run}", "run.progress=false"]
     start = time.perf_counter()
-    log = out / f"{method}-seed{seed}.log"
+    log = out / "logs" / f"{method}-seed{seed}.log"  # beside, not inside, the runs: globs see run folders only
+    log.parent.mkdir(exist_ok=True)
     with log.open("w") as f:
         done = subprocess.run([sys.executable, "-m", "dnet_fast", *args], stdout=f, stderr=subprocess.STDOUT,
                               check=False)
