@@ -155,6 +155,43 @@ def test_installed_wheel_runs_the_benchmarks_from_a_clone(built, tmp_path):
     _check_clone_uses_installed(_clone_without_extension(tmp_path), site, site / "bin" / "dnet-fast")
 
 
+@pytest.mark.slow
+def test_installed_wheel_converts_places_lt_trains_resnet152_and_benchmarks(built, tmp_path):
+    """Issue 13's path for a user: the wheel alone (no checkout on the path) converts a miniature Places365 tree
+    made from the real split files, trains ResNet-152 on the shards for one iteration, and runs the quick
+    benchmarks from a clone."""
+    from tests.places_tree import build_tree
+
+    _, wheel, pip = built
+    site = tmp_path / "site"
+    done = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    script = site / "bin" / "dnet-fast"
+    tree = build_tree(tmp_path / "places365")
+    shards, run, elsewhere = tmp_path / "shards", tmp_path / "run", tmp_path / "cwd"
+    elsewhere.mkdir()
+    convert = [str(script), "convert", "places-lt", "--root", str(tree.root), "--train-list", str(tree.lists["train"]),
+               "--val-list", str(tree.lists["val"]), "--test-list", str(tree.lists["test"]), "--no-golden",
+               "--out", str(shards), "--max-side", "64", "--workers", "0", "--no-progress"]
+    done = _run_isolated(convert, elsewhere, site)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((shards / "meta.json").read_text())["splits"]["train"]["images"] == len(tree.lines["train"])
+    train = [str(script), "train", "--backbone", "resnet152", "--data", str(shards), "--max-iters", "1",
+             "--out", str(run), "optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=4",
+             "meta.meta_batch=5", "data.crop_size=32", "run.eval_batch=16", "run.tensorboard=false"]
+    done = _run_isolated(train, elsewhere, site)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["iterations"] == 1
+    assert results["config"]["model"]["backbone"] == "resnet152"
+    assert 0.0 <= results["test"]["top1"] <= 1.0
+    done = _run_isolated([str(script), "bench", "--quick", "--out", str(tmp_path / "bench")],
+                         _clone_without_extension(tmp_path), site)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not loaded" not in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_warnings_are_errors_only_in_development_builds(tmp_path):
     pybind11 = pytest.importorskip("pybind11")
