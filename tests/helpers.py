@@ -16,6 +16,7 @@ __all__ = [
     "TinyNet",
     "batch",
     "flat_grad",
+    "flatten_state",
     "meta_config",
     "tiny_param_groups",
 ]
@@ -68,3 +69,17 @@ def batch(step: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
 def flat_grad(net: nn.Module) -> Tensor:
     """The ``.grad`` of every parameter of ``net``, flattened and concatenated."""
     return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def flatten_state(obj: object, prefix: str = ""):
+    """(path, leaf) pairs of a nested dict/list/tuple state (a checkpoint, a state_dict): ``/model/fc.weight``..."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten_state(v, f"{prefix}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from flatten_state(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj

@@ -27,6 +27,7 @@ from dnet_fast.data.transforms import (
     pil_train,
     train_transform,
 )
+from tests.test_augment_policies import TIMM_RAND
 
 CIFAR = Recipe(autoaugment="cifar10", cutout=16)
 IMAGENET = Recipe(color_jitter=0.4, randaugment="rand-n2-m10-mstd0.5")
@@ -188,25 +189,6 @@ def _timm_op(img, name, level, negate, bicubic):
     return {"AutoContrast": ImageOps.autocontrast, "Equalize": ImageOps.equalize, "Invert": ImageOps.invert}[
         name
     ](img)
-
-
-TIMM_RAND = [
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-]
 
 
 def _reference_imagenet(img, p, row, jitter=0.4, m=10.0, mstd=0.5):

@@ -87,24 +87,29 @@ def test_autoaugment_bins_map_onto_the_paper_ranges(m):
     assert arg("Invert") == 0.0
 
 
+# timm's RandAugment op list (timm/data/auto_augment.py ``_RAND_TRANSFORMS``), in its order: the op index drawn
+# per layer indexes it. tests/test_augment.py's PIL reference reads it from here.
+TIMM_RAND = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+
+
 def test_randaugment_op_list_is_timms():
-    assert RAND_TRANSFORMS == (
-        "AutoContrast",
-        "Equalize",
-        "Invert",
-        "Rotate",
-        "Posterize",
-        "Solarize",
-        "SolarizeAdd",
-        "Color",
-        "Contrast",
-        "Brightness",
-        "Sharpness",
-        "ShearX",
-        "ShearY",
-        "TranslateXRel",
-        "TranslateYRel",
-    )
+    assert RAND_TRANSFORMS == TIMM_RAND
     assert RAND_FILL == (124, 116, 104)  # timm img_mean: min(255, round(255 · ImageNet mean))
 
 

@@ -27,6 +27,7 @@ from dnet_fast.engine import fit
 from dnet_fast.sampling import MetaBatchSampler
 from tests import distributed_worker as worker
 from tests.conftest import TINY_OVERRIDES
+from tests.helpers import flatten_state
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -76,21 +77,8 @@ def torchrun(args: list[str], nprocs: int = 2) -> subprocess.CompletedProcess:
         pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s (hang): {' '.join(args)}")
 
 
-def _flatten(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}/{k}")
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}/{i}")
-    else:
-        yield prefix, obj
-
-
 def _relative_errors(got: dict, want: dict) -> dict[str, float]:
-    got, want = dict(_flatten(got)), dict(_flatten(want))
+    got, want = dict(flatten_state(got)), dict(flatten_state(want))
     assert got.keys() == want.keys()
     errors = {}
     for key, w in want.items():
@@ -126,8 +114,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_rank_states, case):
     print(f"{case}: max relative error {errors[worst]:.2e} ({worst}) over {len(errors)} tensors")
     assert errors[worst] < TOL, worst
     # θ, Adam's moments and the parameters: bit-identical on every rank
-    for key, t in _flatten(ranks[1]):
-        other = dict(_flatten(ranks[0]))[key]
+    for key, t in flatten_state(ranks[1]):
+        other = dict(flatten_state(ranks[0]))[key]
         assert torch.equal(t, other) if isinstance(t, torch.Tensor) else t == other, key
     if worker.CASES[case][0] not in ("off", "frozen"):  # frozen: D is never optimised
         assert want["diffnet_optimizer"]["state"], "Difficulty-Net's Adam has state to compare"
@@ -168,8 +156,8 @@ def test_resume_under_torchrun_after_a_kill_is_bit_exact(tmp_path):
 
     a = load_checkpoint(tmp_path / "a" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "last.pt")
-    for key, value in _flatten({k: v for k, v in a.items() if k != "config"}):
-        other = dict(_flatten({k: v for k, v in b.items() if k != "config"}))[key]
+    for key, value in flatten_state({k: v for k, v in a.items() if k != "config"}):
+        other = dict(flatten_state({k: v for k, v in b.items() if k != "config"}))[key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
     assert (tmp_path / "a" / "history.jsonl").read_bytes() == (tmp_path / "b" / "history.jsonl").read_bytes()
     results = [(tmp_path / r / "results.json").read_text() for r in ("a", "b")]
@@ -321,6 +309,6 @@ def test_ddp_world1_stack_equals_the_single_process_stack_bit_for_bit(gloo_world
         for stack in stacks:
             stack.meta.set_class_accuracy(torch.tensor([0.9, 0.5, 0.4, 0.2, 0.1]))
             stack.step.step(x, y, mb)
-    a, b = (dict(_flatten(s.meta.state_dict())) for s in stacks)
+    a, b = (dict(flatten_state(s.meta.state_dict())) for s in stacks)
     for key, value in a.items():
         assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key

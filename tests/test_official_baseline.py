@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from benchmarks import official
 from dnet_fast.models import DifficultyNet
+from tests.helpers import C, TinyNet
 
-C, B, M = 5, 8, 4  # classes, train batch, meta batch
+B, M = 8, 4  # train batch, meta batch (C = 5 classes: TinyNet's head)
 N_META = 10  # meta images: passes of 4, 4 and 2
 ACC = torch.tensor([0.9, 0.6, 0.4, 0.2, 0.05])  # (C,) A of a later epoch
 LAMBDA = 0.3
@@ -68,19 +69,6 @@ CIFAR_EPOCH0_H2D = [False] * 6
 
 LOOP_FILES = frozenset({official.__file__})
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-class CountedNet(nn.Module):
-    """conv → BN → ReLU → global average pool → linear, logits (B, C)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, C)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 class Recorder:
@@ -153,7 +141,7 @@ class Recorder:
         mp.setattr(nn.Module, "load_state_dict", counted_load)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.on and isinstance(module, CountedNet):
+        if self.on and isinstance(module, TinyNet):
             self.forwards.append(args[0].shape[0])
         elif self.on and isinstance(module, DifficultyNet):
             self.diffnet_forwards += 1
@@ -161,7 +149,7 @@ class Recorder:
     def factory(self) -> nn.Module:
         """A fresh classifier, counted as a build."""
         self.builds += self.on
-        return CountedNet()
+        return TinyNet()
 
     def measure(self, fn: Callable[[], object]) -> dict[str, Any]:
         """Counts of one call of ``fn``."""
@@ -202,9 +190,9 @@ def train_batch(step: int) -> tuple[Tensor, Tensor]:
     return torch.randn(B, 3, 8, 8, generator=g), torch.randint(0, C, (B,), generator=g)
 
 
-def parts(tree: str) -> tuple[CountedNet, DifficultyNet, torch.optim.Optimizer, torch.optim.Optimizer]:
+def parts(tree: str) -> tuple[TinyNet, DifficultyNet, torch.optim.Optimizer, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = CountedNet()
+    model = TinyNet()
     diffnet = DifficultyNet(C, 8, bias=tree != "cifar")  # biases as in each tree (C:358 VNet, I:45-53)
     return model, diffnet, *official.official_optimizers(tree, model, diffnet)
 
@@ -243,12 +231,12 @@ def test_imagenet_places_loop_matches_official_counts(rec: Recorder) -> None:
 def test_cuda_synchronizing_calls_per_iteration(tree: str, syncs: int) -> None:
     """On CUDA, torch's sync debug mode flags every synchronising call: the three D2H reads and the blocking copies
     of OFFICIAL (CIFAR 9, ImageNet/Places 4: its pinned train batch goes non-blocking), plus, for CIFAR, one per
-    state tensor moved with the fresh copy (CountedNet has 8)."""
+    state tensor moved with the fresh copy (TinyNet has 8)."""
     dev = torch.device("cuda")
     model, diffnet, main, adam = parts(tree)
     model.to(dev)
     diffnet.to(dev)
-    loop = official.build(tree, model, CountedNet, diffnet, main, adam, ACC, *meta_set(), meta_batch=M,
+    loop = official.build(tree, model, TinyNet, diffnet, main, adam, ACC, *meta_set(), meta_batch=M,
                           lambda_dr=LAMBDA, prefetch=False, print_freq=1000)
 
     def batch(step: int) -> list[Tensor]:
@@ -270,7 +258,7 @@ def test_cuda_synchronizing_calls_per_iteration(tree: str, syncs: int) -> None:
 @pytest.mark.parametrize("tree", official.TREES)
 def test_theta_gets_only_the_driver_loss_gradient(tree: str) -> None:
     """Both trees detach the weights (``torch.tensor``, C:163, I:339; SPEC §4.2): θ's gradient is λ·∂L_dr/∂θ."""
-    loop = make_loop(tree, CountedNet)
+    loop = make_loop(tree, TinyNet)
     diffnet, adam = loop.parts.diffnet, loop.parts.diff_optimizer
     theta = list(diffnet.parameters())
     d = diffnet(ACC)
@@ -286,7 +274,7 @@ def test_theta_gets_only_the_driver_loss_gradient(tree: str) -> None:
 
 def test_imagenet_pseudo_model_keeps_its_own_optimizer() -> None:
     """I:160-162 and I:283-286: a separate pseudo model and SGD (same settings), momentum kept across iterations."""
-    loop = make_loop("imagenet_places", CountedNet)
+    loop = make_loop("imagenet_places", TinyNet)
     assert isinstance(loop, official.ImageNetPlacesLoop)
     for step in range(2):
         loop.step(*train_batch(step))
@@ -303,7 +291,7 @@ def test_imagenet_pseudo_model_keeps_its_own_optimizer() -> None:
 def test_meta_batches_are_a_shuffled_pass_restarted_when_exhausted(rec: Recorder) -> None:
     """C:466 / ``datasets/imagenet.py``:265-268: shuffle=True, batch 100 (M here), last batch smaller; C:193-198 /
     I:421-425 restart on StopIteration; C:142 / I:359 a new iterator every epoch."""
-    loop = make_loop("cifar", CountedNet)
+    loop = make_loop("cifar", TinyNet)
     sizes = []
     for step in range(7):
         sizes.append(rec.measure(lambda step=step: loop.step(*train_batch(step)))["forwards"][1])
@@ -383,4 +371,4 @@ def test_official_optimizers() -> None:
     assert main.defaults["nesterov"]
     assert (main.defaults["lr"], adam.defaults["lr"]) == (0.05, 1e-3)
     with pytest.raises(ValueError, match="unknown tree"):
-        official.build("cifar10", model, CountedNet, diffnet, main, adam, ACC, *meta_set())
+        official.build("cifar10", model, TinyNet, diffnet, main, adam, ACC, *meta_set())

@@ -12,19 +12,7 @@ from dnet_fast import plots
 from dnet_fast.checkpoint import load_checkpoint
 from dnet_fast.config import load_config
 from dnet_fast.engine import fit
-
-
-def _flatten(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}/{k}")
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}/{i}")
-    else:
-        yield prefix, obj
+from tests.helpers import flatten_state
 
 
 @pytest.mark.parametrize("mode", ["exact", "driver"])
@@ -37,8 +25,8 @@ def test_resume_is_bit_exact(tiny_overrides, tmp_path, mode):
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
     resumed = fit(split, resume=True)
 
-    a = dict(_flatten({k: v for k, v in load_checkpoint(tmp_path / "a" / "last.pt").items() if k != "config"}))
-    b = dict(_flatten({k: v for k, v in load_checkpoint(tmp_path / "b" / "last.pt").items() if k != "config"}))
+    a = dict(flatten_state({k: v for k, v in load_checkpoint(tmp_path / "a" / "last.pt").items() if k != "config"}))
+    b = dict(flatten_state({k: v for k, v in load_checkpoint(tmp_path / "b" / "last.pt").items() if k != "config"}))
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], torch.Tensor):
