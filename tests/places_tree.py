@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dnet_fast.convert import ConvertOptions, ImageOptions, convert, read_splits, split_file_input
+from dnet_fast.convert.beton import ffcv_available
+
 __all__ = ["BAD_KINDS", "REPAIRED_KINDS", "SPLITS_DIR", "MiniTree", "build_tree", "class_color", "make_bad"]
 
 SPLITS_DIR = Path(__file__).resolve().parents[2] / "shared" / "splits"
@@ -148,3 +151,14 @@ def make_bad(tree: MiniTree, kind: str, split: str = "train", label: int = 1) ->
 
 def _save(img: Image.Image, path: Path, fmt: str) -> None:
     img.save(path, format=fmt)
+
+
+def converted_tree(base: Path, max_side: int) -> Path:
+    """The miniature Places-LT tree converted losslessly (PNG shards of 8, raw .beton when ffcv is installed):
+    the output folder."""
+    tree = build_tree(base)
+    formats = ("wds", "ffcv") if ffcv_available() else ("wds",)
+    opts = ConvertOptions(image=ImageOptions(max_side=max_side, mode="raw"), formats=formats, shard_size=8,
+                          progress=False)
+    convert(split_file_input("places_lt", tree.root, read_splits(tree.lists, 365)), base / "out", opts)
+    return base / "out"

@@ -13,14 +13,12 @@ import torch
 import dnet_fast.data.dali_loader
 import dnet_fast.data.ffcv_loader
 import dnet_fast.data.shards  # noqa: F401  (registers the shards dataset and the ffcv/dali loaders)
-from dnet_fast.convert import ConvertOptions, ImageOptions, convert, read_splits, split_file_input
-from dnet_fast.convert.beton import ffcv_available
 from dnet_fast.data.augment import apply_recipe
 from dnet_fast.data.base import IMAGENET_MEAN, IMAGENET_STD, LOADERS, LoaderSpec
 from dnet_fast.data.policies import Recipe
 from dnet_fast.data.shards import open_split
 from dnet_fast.data.transforms import batch_generator, draw_params
-from tests.places_tree import build_tree
+from tests.places_tree import converted_tree
 
 CROP = 32
 CIFAR = Recipe(autoaugment="cifar10", cutout=16)
@@ -30,14 +28,7 @@ IMAGENET = Recipe(color_jitter=0.4, randaugment="rand-n2-m10-mstd0.5")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """The miniature Places-LT tree converted losslessly (PNG shards, raw .beton when ffcv is installed)."""
-    base = tmp_path_factory.mktemp("places")
-    tree = build_tree(base)
-    formats = ("wds", "ffcv") if ffcv_available() else ("wds",)
-    opts = ConvertOptions(
-        image=ImageOptions(max_side=48, mode="raw"), formats=formats, shard_size=8, progress=False
-    )
-    convert(split_file_input("places_lt", tree.root, read_splits(tree.lists, 365)), base / "out", opts)
-    return base / "out"
+    return converted_tree(tmp_path_factory.mktemp("places"), max_side=48)
 
 
 def _spec(augment: str, recipe: Recipe) -> LoaderSpec:

@@ -16,13 +16,11 @@ import dnet_fast.data.ffcv_loader
 import dnet_fast.data.shards  # noqa: F401  (registers the shards dataset and the ffcv/dali loaders)
 from dnet_fast import sampling
 from dnet_fast.config import DataConfig
-from dnet_fast.convert import ConvertOptions, ImageOptions, convert, read_splits, split_file_input
-from dnet_fast.convert.beton import ffcv_available
 from dnet_fast.data.base import DATASETS, LOADERS, LoaderSpec, SampleError
 from dnet_fast.data.shards import ShardSplit, load_meta, open_split
 from dnet_fast.shardformat import ShardDataError, ShardReader, read_index, read_meta, sample_sources
 from dnet_fast.shardverify import RECORD_NAME, ShardIntegrityError, verify_checksums
-from tests.places_tree import build_tree
+from tests.places_tree import converted_tree
 
 LOADER_NAMES = ("resident", "naive", "ffcv", "dali")
 CROP = 56  # eval resizes the shorter side to 64 = the stored images' shorter side: no resampling anywhere
@@ -38,14 +36,7 @@ def _needs(name: str) -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """The miniature Places-LT tree converted losslessly (PNG shards, raw .beton when ffcv is installed)."""
-    base = tmp_path_factory.mktemp("places")
-    tree = build_tree(base)
-    formats = ("wds", "ffcv") if ffcv_available() else ("wds",)
-    opts = ConvertOptions(
-        image=ImageOptions(max_side=80, mode="raw"), formats=formats, shard_size=8, progress=False
-    )
-    convert(split_file_input("places_lt", tree.root, read_splits(tree.lists, 365)), base / "out", opts)
-    return base / "out"
+    return converted_tree(tmp_path_factory.mktemp("places"), max_side=80)
 
 
 def _copy(shards, tmp_path):
