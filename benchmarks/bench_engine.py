@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "FULL_POINTS",
     "QUICK_POINTS",
     "EngineBenchmark",
+    "RandomCycleIter",
     "imagenet_lt_labels",
     "numpy_class_aware",
     "official_class_aware",
@@ -88,13 +89,17 @@ def imagenet_lt_labels(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.repeat(np.arange(classes), counts))
 
 
-class _RandomCycleIter:
-    """The official ClassAwareSampler helper: cycle through a list, reshuffling with a ``random`` generator per
-    pass (the released code used the global unseeded one; a seeded private generator keeps this reproducible)."""
+class RandomCycleIter:
+    """The official ClassAwareSampler helper (``RandomCycleIter``): cycle through ``data``, reshuffled in place by
+    ``rng`` at the start of each pass (the released code used the global unseeded ``random``; a seeded private
+    generator keeps this reproducible). The stage-2 benchmark's official sampler uses it too."""
 
-    def __init__(self, data: list[int], rng: random.Random) -> None:
+    def __init__(self, data: Iterable[int], rng: random.Random) -> None:
         self.data_list, self.rng = list(data), rng
         self.i = len(self.data_list) - 1
+
+    def __iter__(self) -> Iterator[int]:
+        return self
 
     def __next__(self) -> int:
         self.i += 1
@@ -110,8 +115,8 @@ def official_class_aware(labels: np.ndarray, count: int, seed: int = 0) -> list[
     cls_data: list[list[int]] = [[] for _ in range(int(labels.max()) + 1)]
     for i, y in enumerate(labels.tolist()):
         cls_data[y].append(i)
-    class_iter = _RandomCycleIter(list(range(len(cls_data))), rng)
-    data_iters = [_RandomCycleIter(x, rng) for x in cls_data]
+    class_iter = RandomCycleIter(list(range(len(cls_data))), rng)
+    data_iters = [RandomCycleIter(x, rng) for x in cls_data]
     return [next(data_iters[next(class_iter)]) for _ in range(count)]
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from benchmarks.bench_engine import RandomCycleIter
 from benchmarks.e2e_data import OfficialStyleDataset, official_class_accuracy
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio
 
@@ -57,24 +58,6 @@ VARIANTS = ("official", "stage2", "official_noaug", "stage2_cached")
 # The official pieces
 
 
-class _RandomCycleIter:
-    """``RandomCycleIter``: cycles through ``data``, reshuffled (in place, by ``rng``) at the start of each pass."""
-
-    def __init__(self, data: Any, rng: random.Random) -> None:
-        self.data_list, self.rng = list(data), rng
-        self.i = len(self.data_list) - 1
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        self.i += 1
-        if self.i == len(self.data_list):
-            self.i = 0
-            self.rng.shuffle(self.data_list)
-        return self.data_list[self.i]
-
-
 class OfficialClassAwareSampler(Sampler[int]):
     """The official ``ClassAwareSampler`` (``num_samples_cls`` per class visit), with its generator loop.
 
@@ -85,11 +68,11 @@ class OfficialClassAwareSampler(Sampler[int]):
     def __init__(self, labels: np.ndarray, num_samples_cls: int = 4, *, seed: int, num_samples: int | None = None):
         rng = random.Random(seed)  # the code uses the global, unseeded `random`
         classes = len(np.unique(labels))
-        self.class_iter = _RandomCycleIter(range(classes), rng)
+        self.class_iter = RandomCycleIter(range(classes), rng)
         per_class: list[list[int]] = [[] for _ in range(classes)]
         for i, label in enumerate(labels.tolist()):
             per_class[int(label)].append(i)
-        self.data_iter_list = [_RandomCycleIter(x, rng) for x in per_class]
+        self.data_iter_list = [RandomCycleIter(x, rng) for x in per_class]
         self.num_samples = num_samples or max(len(x) for x in per_class) * classes
         self.num_samples_cls = num_samples_cls
 
