@@ -36,3 +36,12 @@ TINY_OVERRIDES = (
 def tiny_overrides(tmp_path):
     """Overrides for a 2-epoch run on a 5-class synthetic set, writing into a temporary run directory."""
     return [*TINY_OVERRIDES, f"run.out_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """Graph and eager must pick the same cuDNN algorithms; restored afterwards for other test files."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
+from dnet_fast import distributed
 from dnet_fast.config import DiffNetConfig, MetaConfig, OptimConfig, TrainConfig
 
 __all__ = [
@@ -17,8 +23,10 @@ __all__ = [
     "batch",
     "flat_grad",
     "flatten_state",
+    "free_port",
     "meta_config",
     "tiny_param_groups",
+    "world_of_one",
 ]
 
 C, B, M = 5, 8, 6  # classes, train batch, meta batch
@@ -83,3 +91,30 @@ def flatten_state(obj: object, prefix: str = ""):
             yield from flatten_state(v, f"{prefix}/{i}")
     else:
         yield prefix, obj
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def world_of_one(device: torch.device, timeout_s: float, **env: str) -> Iterator[distributed.Collective]:
+    """A process group of one rank in this process, made by ``distributed.init_from_env`` from torchrun's
+    variables (plus ``env``); destroyed and the environment restored afterwards."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield distributed.init_from_env(device, timeout_s)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

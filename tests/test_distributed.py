@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,12 @@ from dnet_fast.engine import fit
 from dnet_fast.sampling import MetaBatchSampler
 from tests import distributed_worker as worker
 from tests.conftest import TINY_OVERRIDES
-from tests.helpers import flatten_state
+from tests.helpers import flatten_state, free_port, world_of_one
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 TIMEOUT_S = 240  # per launch: imports and a few float64 iterations take seconds; a hang fails here
 TOL = 1e-10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -49,7 +42,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def launch(args: list[str], nprocs: int = 2) -> list[subprocess.CompletedProcess]:
     """Starts ``nprocs`` ranks of the worker with torchrun's environment; waits for all (with a timeout)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(nprocs):
         env = _env(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
@@ -275,20 +268,8 @@ def test_distributed_benchmark_quick_smoke(tmp_path):
 @pytest.fixture
 def gloo_world1():
     """A Gloo group of one rank in this process, made by ``init_from_env`` from torchrun's variables."""
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield distributed.init_from_env(torch.device("cpu"), 60)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with world_of_one(torch.device("cpu"), 60) as collective:
+        yield collective
 
 
 @pytest.mark.parametrize(("mode", "grad"), [("off", "jvp"), ("driver", "jvp"), ("exact", "jvp"),

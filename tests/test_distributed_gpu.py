@@ -1,6 +1,6 @@
 """GPU checks of the torchrun path on one CUDA device (NCCL, world size 1): skipped without CUDA.
 
-Run on a GPU machine: ``pytest -q -m gpu tests/test_distributed_gpu.py -rA`` (benchmarks/GPU_TODO.md). One GPU
+Run on a GPU machine: ``pytest -q -m gpu tests/test_distributed_gpu.py -rA`` (item 1 of tools/gpu_check.sh). One GPU
 cannot show scaling or the per-rank BatchNorm difference; it checks that the DDP step over NCCL equals the
 single-process step, that SyncBatchNorm builds and runs, and whether the step can be captured in a CUDA graph
 under DDP. ``test_gpu_graph_under_ddp_equals_eager`` passing is the evidence for setting
@@ -8,9 +8,6 @@ under DDP. ``test_gpu_graph_under_ddp_equals_eager`` passing is the evidence for
 """
 
 from __future__ import annotations
-
-import os
-import socket
 
 import pytest
 import torch
@@ -22,9 +19,10 @@ from dnet_fast.distributed import LOCAL
 from dnet_fast.evaluation import class_accuracy
 from dnet_fast.schedule import apply_lr
 from dnet_fast.stack import build_stack
+from tests.helpers import world_of_one
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-pytestmark = [pytest.mark.gpu, cuda]
+pytestmark = [pytest.mark.gpu, cuda, pytest.mark.usefixtures("deterministic_cudnn")]
 
 C, ITERS = 10, 6
 TOL = 1e-5  # fp32, norm-wise relative, as tests/test_step.py's graph == eager checks
@@ -34,33 +32,10 @@ MODES = [("off", "jvp"), ("driver", "jvp"), ("exact", "jvp"), ("exact", "double_
 @pytest.fixture(scope="module")
 def world1():
     """An NCCL group of one rank, made by ``distributed.init_from_env`` from torchrun's variables."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}  # capture precondition (torch's CUDA-graph notes for DDP)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        collective = distributed.init_from_env(torch.device("cuda"), 300)
+    # NCCL's async error handling off: a precondition of capture (torch's CUDA-graph notes for DDP).
+    with world_of_one(torch.device("cuda"), 300, TORCH_NCCL_ASYNC_ERROR_HANDLING="0") as collective:
         assert torch.distributed.get_backend() == "nccl"
         yield collective
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_cudnn():
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def _cfg(mode: str, grad: str, *, graph: str = "off", sync_bn: bool = False) -> TrainConfig:

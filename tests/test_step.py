@@ -28,6 +28,7 @@ from dnet_fast.step import (
 )
 from tests.helpers import ACC, B, C, TinyNet, batch, meta_config, tiny_param_groups
 
+pytestmark = pytest.mark.usefixtures("deterministic_cudnn")  # graph == eager needs the same cuDNN algorithms
 COUNTS = torch.tensor([40.0, 20, 10, 5, 2])  # (C,) long-tailed training counts
 ACC2 = torch.tensor([0.8, 0.7, 0.3, 0.3, 0.1], dtype=torch.float64)  # A of a later epoch
 # Power-of-two lrs make α·g exact, so torch's fused p − α·g (one FMA) and ours (product, then difference) agree
@@ -408,15 +409,6 @@ def _assert_graph_equals_eager(eager: MetaMode, graphed: MetaMode, outs_e, outs_
     for de, dg in zip(outs_e, outs_g, strict=True):
         for key in de:
             assert _rel_err(dg[key], de[key]) < max(tol, 1e-6), key
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_cudnn():
-    """Graph and eager must pick the same cuDNN algorithms; restored afterwards for other test files."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def _compare(mode: str, backbone: str, precision: str = "fp32", **setup) -> tuple[TrainStep, TrainStep]:
