@@ -335,7 +335,7 @@ def test_train_counters_inside_the_step_equal_host_counts(mode):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CUDA: graph replay == eager. Run on a GPU machine: pytest -m gpu tests/test_step.py (see benchmarks/GPU_TODO.md)
+# CUDA: graph replay == eager. Run on a GPU machine: pytest -m gpu tests/test_step.py (item 1 of tools/gpu_check.sh)
 
 #: Norm-wise relative error ‖graph − eager‖ / ‖eager‖ allowed per tensor after N iterations. fp32: the issue's
 #: 1e-5 (same kernels; only float atomics, e.g. the backward of the class-weight gather w[y], may reorder).
