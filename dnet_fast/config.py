@@ -155,6 +155,7 @@ class DiffNetConfig:
     lr: float = 1e-5  # Adam learning rate β
     weight_decay: float = 1e-4  # Adam coupled L2 weight decay
     normalize: str = "sum_to_C"  # class weights: sum_to_C (w = C·d/Σd) | none (w = d)
+    temperature: float = 1.0  # beyond the paper, opt-in: sum_to_C with w = C·d^(1/T)/Σd^(1/T) (1 = the paper)
     init_acc: str = "zeros"  # epoch-0 accuracy vector: zeros | eval
 
 
@@ -312,6 +313,9 @@ def _check_diffnet(c: TrainConfig) -> None:
     _require(n.lr > 0, "diffnet.lr", f"must be > 0, got {n.lr}")
     _require(n.weight_decay >= 0, "diffnet.weight_decay", "must be >= 0")
     _choice(n.normalize, "diffnet.normalize", NORMALIZATIONS)
+    _require(n.temperature > 0, "diffnet.temperature", f"must be > 0, got {n.temperature}")
+    _require(n.temperature == 1.0 or n.normalize == "sum_to_C", "diffnet.temperature",
+             f"applies to diffnet.normalize=sum_to_C only, got normalize={n.normalize!r}")
     _choice(n.init_acc, "diffnet.init_acc", INIT_ACC)
 
 

@@ -136,6 +136,7 @@ _LOSSES = {
     "logit_adjust": "Logit adjustment", "balanced_softmax": "Balanced Softmax",
 }
 _WITH_LAMBDA = ("exact", "driver", "exact_absolute", "exact_sample")  # the modes with a driver loss
+_DIFFNET_MODES = (*_WITH_LAMBDA, "frozen")  # the modes weighting by a Difficulty-Net (diffnet.temperature)
 
 
 def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
@@ -145,13 +146,16 @@ def run_label(results: dict[str, Any], *, with_lambda: bool = False) -> str:
     Args:
         results: the run's results.json.
         with_lambda: append the driver-loss weight of Difficulty-Net runs (``…, λ = 0.3``), for figures and
-            comparisons of λ values.
+            comparisons of λ values. A ``diffnet.temperature`` other than 1 is always appended (``…, T = 0.2``).
     """
     cfg = results["config"]
     mode, loss = cfg["meta"]["mode"], cfg["loss"]["name"]
     method = _METHODS.get(mode, mode)
     loss_name = _LOSSES.get(loss, loss)
     label = f"{method} + {loss_name}" if method else loss_name
+    temperature = (cfg.get("diffnet") or {}).get("temperature", 1.0)
+    if mode in _DIFFNET_MODES and temperature != 1.0:  # the opt-in variant is another method: always named
+        label += f", T = {temperature:g}"
     if with_lambda and mode in _WITH_LAMBDA and "lambda_dr" in cfg["meta"]:
         label += f", λ = {cfg['meta']['lambda_dr']:g}"
     stage2 = stage2_method(results)

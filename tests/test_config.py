@@ -195,12 +195,18 @@ def test_config_is_frozen():
         ("meta.mwn_momentum=1", "meta.mwn_momentum"),
         ("meta.mwn_weight_decay=-1e-4", "meta.mwn_weight_decay"),
         ("meta.mwn_nesterov=true", "meta.mwn_nesterov"),  # with mwn_momentum 0 below
+        ("diffnet.temperature=0", "diffnet.temperature"),
+        ("diffnet.temperature=-0.5", "diffnet.temperature"),
+        ("diffnet.temperature=0.5", "sum_to_C only"),  # with normalize none below
     ],
 )
 def test_bad_values_are_rejected(override, message):
-    extra = {"optim.nesterov": ["optim.momentum=0"], "meta.mwn_nesterov": ["meta.mwn_momentum=0"]}.get(
-        override.split("=")[0], []
-    )
+    extra = {
+        "optim.nesterov": ["optim.momentum=0"],
+        "meta.mwn_nesterov": ["meta.mwn_momentum=0"],
+        "diffnet.temperature=0.5": ["diffnet.normalize=none"],
+    }
+    extra = extra.get(override, extra.get(override.split("=")[0], []))
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         load_config(None, [*extra, override])
 

@@ -50,10 +50,11 @@ def make(
     criterion: nn.Module | None = None,
     normalize: str = "sum_to_C",
     device: str = "cpu",
+    temperature: float = 1.0,
     **kwargs,
 ) -> MetaMode:
     """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
-    cfg = meta_config(mode, grad, normalize=normalize)
+    cfg = meta_config(mode, grad, normalize=normalize, temperature=temperature)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyNet().to(device, torch.float64).train()
@@ -179,6 +180,31 @@ def test_class_weights_sum_to_c_and_match_the_net(mode):
     torch.testing.assert_close(w.sum(), torch.tensor(float(C), dtype=w.dtype))
     torch.testing.assert_close(w, C * d / d.sum())
     torch.testing.assert_close(make(mode, normalize="none").class_weights(), make(mode).diffnet(ACC).detach())
+
+
+def test_temperature_weights_match_hand_computed_values():
+    """w = C·d^(1/T)/Σ d^(1/T): d = (0.2, 0.4, 0.8), T = 0.5 → d² = (0.04, 0.16, 0.64), Σ = 0.84."""
+
+    class Fixed(nn.Module):
+        def forward(self, acc: Tensor) -> Tensor:
+            return torch.tensor([0.2, 0.4, 0.8], dtype=torch.float64) + 0 * acc
+
+    acc = torch.zeros(3, dtype=torch.float64)
+    w, d = class_weights(Fixed(), acc, "sum_to_C", 0.5)
+    want = torch.tensor([0.12, 0.48, 1.92], dtype=torch.float64) / 0.84  # 3·d²/0.84
+    torch.testing.assert_close(w, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(d, torch.tensor([0.2, 0.4, 0.8], dtype=torch.float64))  # L_dr and E read raw d
+    assert float(w.max() / w.min()) == pytest.approx(16.0)  # (d_max/d_min)^(1/T) = 4²
+    torch.testing.assert_close(class_weights(Fixed(), acc, "sum_to_C", 1.0)[0],
+                               torch.tensor([0.6, 1.2, 2.4], dtype=torch.float64) / 1.4)
+
+
+@pytest.mark.parametrize("mode", CLASS_NET_MODES)
+def test_modes_apply_the_configured_temperature(mode):
+    meta = make(mode, temperature=0.25)
+    meta.step(*batch(0))
+    d = meta.diffnet(ACC).detach()
+    torch.testing.assert_close(meta.class_weights(), C * d**4 / (d**4).sum())
 
 
 def test_step_returns_detached_scalars():

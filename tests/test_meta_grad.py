@@ -3,6 +3,8 @@ against the double backward."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,9 +36,10 @@ def tiny_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
     return F.linear(torch.relu(h).mean((2, 3)), params["fc.weight"], params["fc.bias"])  # (B, C)
 
 
-def make(mode: str, grad: str = "jvp", criterion: nn.Module | None = None, **kwargs) -> MetaMode:
+def make(mode: str, grad: str = "jvp", criterion: nn.Module | None = None, temperature: float = 1.0,
+         **kwargs) -> MetaMode:
     """A float64 meta mode on TinyNet; the same arguments give bit-identical initial states."""
-    cfg = meta_config(mode, grad)
+    cfg = meta_config(mode, grad, temperature=temperature)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = TinyNet().double().train()
@@ -57,24 +60,36 @@ def aux_net(meta: MetaMode) -> nn.Module:
 # ω(θ) and L_dr(θ) of each mode at the batch losses ℓ(φ_t), written independently of dnet_fast.meta
 
 
-def relative_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """exact (Eqs. 4, 7): d = D(A), ω_i = (C·d/Σd)_{y_i}, L_dr = mean (1 − a/Σa − d)²."""
+def _spread(d: Tensor, temperature: float) -> Tensor:
+    """n·d^(1/T)/Σ d^(1/T) over the n entries of d (T = 1: the paper's n·d/Σd)."""
+    p = d ** (1.0 / temperature)
+    return d.numel() * p / p.sum()
+
+
+def relative_weights(
+    net: nn.Module, theta: Params, ell: Tensor, y: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """exact (Eqs. 4, 7): d = D(A), ω_i = (C·d/Σd)_{y_i} (d^(1/T) under a temperature), L_dr = mean (1 − â − d)²."""
     d = functional_call(net, theta, (ACC,))  # (C,)
-    return (C * d / d.sum())[y], ((1.0 - ACC / (ACC.sum() + 1e-12) - d) ** 2).mean()
+    return _spread(d, temperature)[y], ((1.0 - ACC / (ACC.sum() + 1e-12) - d) ** 2).mean()
 
 
-def absolute_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def absolute_weights(
+    net: nn.Module, theta: Params, ell: Tensor, y: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """exact_absolute: d_c = D^abs(a_c) — each class through the net on its own —, target 1 − a."""
     d = torch.cat([functional_call(net, theta, (ACC[c : c + 1],)) for c in range(C)])  # (C,)
-    return (C * d / d.sum())[y], ((1.0 - ACC - d) ** 2).mean()
+    return _spread(d, temperature)[y], ((1.0 - ACC - d) ** 2).mean()
 
 
-def sample_weights(net: nn.Module, theta: Params, ell: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def sample_weights(
+    net: nn.Module, theta: Params, ell: Tensor, y: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """exact_sample: d = D^sample(ℓ) on the detached losses, ω = B·d/Σd, target 1 − p/Σp with p = exp(−ℓ)."""
     ell = ell.detach()
     d = functional_call(net, theta, (ell,))  # (B,)
     p = torch.exp(-ell)
-    return B * d / d.sum(), ((1.0 - p / p.sum() - d) ** 2).mean()
+    return _spread(d, temperature), ((1.0 - p / p.sum() - d) ** 2).mean()
 
 
 #: mode -> its ω(θ), L_dr(θ) (the FD oracle covers every mode whose θ receives the meta gradient and L_dr).
@@ -110,10 +125,11 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.25])  # 0.25: the opt-in diffnet.temperature variant
 @pytest.mark.parametrize("grad", ["jvp", "double_backward"])
 @pytest.mark.parametrize("mode", sorted(WEIGHTS))
-def test_exact_theta_gradient_matches_finite_differences(mode, grad):
-    meta = make(mode, grad)
+def test_exact_theta_gradient_matches_finite_differences(mode, grad, temperature):
+    meta = make(mode, grad, temperature=temperature)
     net = aux_net(meta)
     x, y, _ = data = batch(0)
     phi = {n: p.detach().clone() for n, p in meta.model.named_parameters()}
@@ -122,7 +138,7 @@ def test_exact_theta_gradient_matches_finite_differences(mode, grad):
     meta.step(*data)
     got = flat_grad(net)  # ∂J/∂θ at θ_t (Adam leaves .grad alone)
 
-    weigh = WEIGHTS[mode]
+    weigh = functools.partial(WEIGHTS[mode], temperature=temperature)
     fd = central_differences(lambda th: bilevel_objective(weigh, net, th, phi, alpha, data), theta)
     th = {n: v.clone().requires_grad_() for n, v in theta.items()}
     ell = F.cross_entropy(tiny_forward(phi, x), y, reduction="none")

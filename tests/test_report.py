@@ -11,6 +11,7 @@ import pytest
 from dnet_fast.history import HistoryRow
 from dnet_fast.plots import plot_runs
 from dnet_fast.report import format_report, runs_table
+from dnet_fast.rundir import run_label
 from tests.runfiles import write_history
 
 
@@ -76,3 +77,19 @@ def test_report_lists_plotted_figures_and_the_compare_command(tmp_path):
     for path in written:
         assert f"  {path}" in text
     assert "dnet-fast compare A_RUN... --vs B_RUN..." in text
+
+
+@pytest.mark.parametrize(
+    ("mode", "temperature", "label"),
+    [
+        ("exact", 1.0, "Difficulty-Net (exact) + CE"),
+        ("exact", 0.2, "Difficulty-Net (exact) + CE, T = 0.2"),
+        ("frozen", 0.5, "Difficulty-Net (frozen) + CE, T = 0.5"),
+        ("off", 0.2, "CE"),  # no Difficulty-Net: the value does nothing, so it is not named
+    ],
+)
+def test_labels_name_a_difficulty_temperature(mode, temperature, label):
+    cfg = {"meta": {"mode": mode, "lambda_dr": 0.3}, "loss": {"name": "ce"}, "diffnet": {"temperature": temperature}}
+    assert run_label({"config": cfg}) == label
+    if mode == "exact":
+        assert run_label({"config": cfg}, with_lambda=True) == f"{label}, λ = 0.3"

@@ -186,7 +186,7 @@ class ExactSampleMode(MetaMode):
             sample_net = DifficultyNet(cfg.optim.batch_size, cfg.diffnet.hidden, cfg.diffnet.bias)
         self.sample_net = sample_net.to(device=self.device, dtype=self.dtype)
         self.lambda_dr = cfg.meta.lambda_dr
-        self.normalize = cfg.diffnet.normalize
+        self.normalize, self.temperature = cfg.diffnet.normalize, cfg.diffnet.temperature
         self.sample_net_optimizer = diffnet_adam(self.sample_net, cfg, self.device)
         self.grad, self.grad_fallback_reason = choose_grad(cfg.meta.grad, criterion, num_classes, self.device)
 
@@ -207,7 +207,8 @@ class ExactSampleMode(MetaMode):
             ValueError: the batch size is not the net's width ``optim.batch_size``.
         """
         self._check_batch(losses.shape)
-        return class_weights(self.sample_net, losses.detach().to(self.dtype), self.normalize)
+        return class_weights(self.sample_net, losses.detach().to(self.dtype), self.normalize,
+                             self.temperature)
 
     def _check_batch(self, shape: torch.Size) -> None:
         """ValueError unless ``shape`` is (width of D^sample,): a (2B,) input would pass as two rows."""

@@ -259,7 +259,7 @@ class ClassWeightMode(MetaMode):
         if diffnet is None:
             diffnet = DifficultyNet(num_classes, cfg.diffnet.hidden, cfg.diffnet.bias)
         self.diffnet = diffnet.to(device=self.device, dtype=self.dtype)
-        self.normalize = cfg.diffnet.normalize
+        self.normalize, self.temperature = cfg.diffnet.normalize, cfg.diffnet.temperature
 
     def owned(self) -> Owned:
         """The base declaration plus Difficulty-Net."""
@@ -268,12 +268,12 @@ class ClassWeightMode(MetaMode):
     def class_weights(self) -> Tensor:
         """Current (C,) class weights of Difficulty-Net, detached."""
         with torch.no_grad():
-            return class_weights(self.diffnet, self.acc, self.normalize)[0]
+            return class_weights(self.diffnet, self.acc, self.normalize, self.temperature)[0]
 
     def _real_phase(self, losses: Tensor, logits: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Eq. 11: detached weights of the (updated) net, (1/b) Σ w'_{y_i} ℓ_i, real step."""
         with torch.no_grad():
-            w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,)
+            w, d = class_weights(self.diffnet, self.acc, self.normalize, self.temperature)  # (C,)
         loss = weighted_mean(losses, w[y], self._denominator(y))
         real_step(self.optimizer, loss)
         return {"loss": loss.detach(), "logits": logits, **weight_stats(w, d)}
@@ -362,7 +362,7 @@ class ExactMode(DriverMode):
         )
 
     def _step(self, x: Tensor, y: Tensor, meta_batch: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
-        w, d = class_weights(self.diffnet, self.acc, self.normalize)  # (C,), in θ's graph
+        w, d = class_weights(self.diffnet, self.acc, self.normalize, self.temperature)  # (C,), in θ's graph
         l_dr = driver_loss(d, self.acc, relative=self.relative_target)
         omega = w[y]  # (B,) device-side gather
         # jvp: one train forward serves Eq. 9 (first-order g) and Eq. 11 (second backward with w').

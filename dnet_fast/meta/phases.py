@@ -52,7 +52,9 @@ def weighted_mean(losses: Tensor, weights: Tensor, denominator: Tensor | None = 
     return weighted.mean() if denominator is None else weighted.sum() / denominator
 
 
-def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tensor, Tensor]:
+def class_weights(
+    diffnet: nn.Module, acc: Tensor, normalize: str, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """Class weights from Difficulty-Net (SPEC §1), computed in the net's own precision (≥ fp32).
 
     The same rule weighs the N items of any difficulty net: N = C classes here and for the absolute net, N = B
@@ -62,6 +64,9 @@ def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tens
         diffnet: D(·; θ), (C,) accuracies → (C,) difficulties in (0, 1) (or N inputs → N difficulties).
         acc: (C,) per-class accuracy A (or the net's N inputs).
         normalize: ``sum_to_C`` (w = C·d/Σd) or ``none`` (w = d).
+        temperature: T of ``sum_to_C``, an opt-in variant beyond the paper (``diffnet.temperature``):
+            w = C·d^(1/T)/Σ d^(1/T), so w_max/w_min = (d_max/d_min)^(1/T). T = 1 is the paper's rule, computed
+            without the power.
 
     Returns:
         (w, d): weights (C,) and the raw difficulties (C,), both in the autograd graph of θ.
@@ -70,7 +75,8 @@ def class_weights(diffnet: nn.Module, acc: Tensor, normalize: str) -> tuple[Tens
         d = diffnet(acc)  # (C,)
     if normalize == "none":
         return d, d
-    return d * (d.numel() / d.sum()), d  # (C,), sums to C
+    p = d if temperature == 1.0 else d ** (1.0 / temperature)  # (C,)
+    return p * (p.numel() / p.sum()), d  # (C,), sums to C
 
 
 def driver_loss(d: Tensor, acc: Tensor, *, relative: bool = True) -> Tensor:
