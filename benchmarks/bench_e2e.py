@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from benchmarks.e2e_data import (
     official_train_loader,
 )
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant, timeit
-from benchmarks.loopstats import GpuUtilSampler, TimedLoop
+from benchmarks.loopstats import GpuUtilSampler, TimedLoop, endless_batches
 
 __all__ = ["CPU_POINTS", "GPU_POINTS", "QUICK_POINTS", "E2EBenchmark"]
 
@@ -66,14 +66,6 @@ QUICK_POINTS = (
      "calls": [1, 2, 1]},
 )
 FAST_MODES = ("off", "driver", "exact")
-
-
-def _cycle(batches: Callable[[int], Iterator[tuple[Tensor, Tensor]]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless batches, epoch after epoch (a loader's iterator lives across timed calls, as in training)."""
-    epoch = 0
-    while True:
-        yield from batches(epoch)
-        epoch += 1
 
 
 @dataclasses.dataclass
@@ -345,7 +337,7 @@ class E2EBenchmark(Benchmark):
         stack = build_stack(self._config(mode), self.bundle.class_counts, self.device)
         mm, step = stack.meta, stack.step
         mm.set_class_accuracy(self.acc)
-        batches, counter = _cycle(self.resident.batches), iter(range(1 << 62))
+        batches, counter = endless_batches(self.resident.batches), iter(range(1 << 62))
 
         def fetch() -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
             x, y = next(batches)

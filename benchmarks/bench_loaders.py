@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant
+from benchmarks.loopstats import endless_batches
 
 __all__ = ["LoaderBenchmark", "make_sources"]
 
@@ -52,14 +52,6 @@ def make_sources(root: Path, images: int, classes: int, side: int) -> Path:
     split = root / "train.txt"
     split.write_text("\n".join(lines) + "\n")
     return split
-
-
-def _cycle(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]) -> Iterator[Any]:
-    """Endless batches, epoch after epoch (a loader lives across timed calls, as in training)."""
-    epoch = 0
-    while True:
-        yield from batches(epoch)
-        epoch += 1
 
 
 @BENCHMARKS.register("loaders")
@@ -150,7 +142,7 @@ class LoaderBenchmark(Benchmark):
             loader = LOADERS.get(variant)(self._split(variant), self._spec())
         except ImportError as exc:
             raise SkipVariant(str(exc)) from exc
-        batches, iters = _cycle(loader.batches), self.params["iters"]
+        batches, iters = endless_batches(loader.batches), self.params["iters"]
         next(batches)
 
         def run() -> None:

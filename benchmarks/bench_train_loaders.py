@@ -19,7 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 
 from benchmarks.bench_loaders import make_sources
 from benchmarks.harness import BENCHMARKS, Benchmark, Profile, Ratio, SkipVariant
+from benchmarks.loopstats import endless_batches
 
 __all__ = ["TrainLoaderBenchmark", "main"]
 
@@ -49,20 +50,12 @@ VARIANTS = {
 AUTO_TOLERANCE = 0.9  # auto passes when it reaches this share of the best variant's images/s (timing noise)
 
 
-def _endless(batches: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
-    """Batches epoch after epoch (the loader lives across timed calls, as in training)."""
-    epoch = 0
-    while True:
-        yield from batches(epoch)
-        epoch += 1
-
-
 class _Live:
     """One prepared variant: its session, endless batch stream and in-loop clocks."""
 
     def __init__(self, session: Any) -> None:
         self.session = session
-        self.batches = _endless(session.loader.batches)
+        self.batches = endless_batches(session.loader.batches)
         self.step_index = 0
         self.recording = False
         self.wait_s = 0.0

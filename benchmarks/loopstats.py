@@ -1,4 +1,5 @@
-"""In-loop accounting for end-to-end benchmarks: time blocked on data vs step time, and GPU utilisation samples."""
+"""In-loop accounting for end-to-end benchmarks: time blocked on data vs step time, GPU utilisation samples, and
+the endless batch stream a loader feeds across timed calls."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["GpuUtilSampler", "TimedLoop", "gpu_utilization"]
+__all__ = ["GpuUtilSampler", "TimedLoop", "endless_batches", "gpu_utilization"]
+
+
+def endless_batches(batches: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
+    """A loader's ``batches(epoch)``, epoch after epoch: one iterator lives across timed calls, as in training."""
+    epoch = 0
+    while True:
+        yield from batches(epoch)
+        epoch += 1
 
 
 def _smi_id(index: int) -> str:

@@ -153,12 +153,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dnet_fast.config import dump_yaml, load_config, resolve_paths
     from dnet_fast.plugins import check_names
 
-    cfg = resolve_paths(check_names(load_config(args.preset, _train_overrides(args))))
+    cfg = load_config(args.preset, _train_overrides(args))
     if cfg.stage2.method != "none":
         msg = f"{args.preset or 'the config'} is a stage-2 config (stage2.method={cfg.stage2.method}): add --from RUN_DIR"
         raise ValueError(msg)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
+    if args.print_config:  # what fit would run: names checked, paths absolute (fit does both itself)
+        print(dump_yaml(resolve_paths(check_names(cfg))), end="")
         return 0
     from dnet_fast.engine import fit
     from dnet_fast.report import format_results

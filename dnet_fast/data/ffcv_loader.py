@@ -159,7 +159,9 @@ def missing_system_packages() -> list[str]:
     if pkg_config is None:
         return list(SYSTEM_PACKAGES.values())
     missing = []
-    for pc, package in list(SYSTEM_PACKAGES.items())[1:]:
+    for pc, package in SYSTEM_PACKAGES.items():
+        if pc == "pkg-config":
+            continue
         done = subprocess.run([pkg_config, "--exists", pc], capture_output=True, timeout=10, check=False)
         if done.returncode != 0:
             missing.append(package)
