@@ -29,7 +29,15 @@ from dnet_fast.convert import (
     verify_output,
 )
 from dnet_fast.data.groups import group_sizes
-from tests.places_tree import BAD_KINDS, REPAIRED_KINDS, SPLITS_DIR, build_tree, class_color, make_bad
+from tests.places_tree import (
+    BAD_KINDS,
+    REPAIRED_KINDS,
+    SPLITS_DIR,
+    build_tree,
+    class_color,
+    make_bad,
+    needs_splits,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WDS = ConvertOptions(image=ImageOptions(max_side=80), formats=("wds",), shard_size=8, progress=False)
@@ -45,6 +53,7 @@ def tree(tmp_path):
     return build_tree(tmp_path)
 
 
+@needs_splits
 def test_golden_statistics_of_the_real_split_files():
     lists = {s: SPLITS_DIR / f"Places_LT_{s}.txt" for s in ("train", "val", "test")}
     splits = read_splits(lists, 365)
@@ -347,6 +356,7 @@ def test_missing_split_files_end_in_one_line_and_nothing_written(tree, tmp_path)
     assert not out.exists()
 
 
+@needs_splits
 def test_imagenet_lt_names_the_train_list_it_expects(tmp_path, capsys):
     from dnet_fast.cli import main
 

@@ -13,9 +13,9 @@ from dnet_fast.config import DataConfig
 from dnet_fast.data import DATASETS, FileSplit, eval_batches
 from dnet_fast.data.groups import group_sizes
 from dnet_fast.data.splits import draw_per_class, parse_split_file, parse_split_lines
+from tests.places_tree import SPLITS_DIR, needs_splits
 
-SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
-needs_splits = pytest.mark.skipif(not SPLITS.is_dir(), reason="shared split files not present")
+SPLITS = SPLITS_DIR
 
 # file: (lines, classes, per-class max, per-class min, git blob id) — SPEC §9
 GOLDEN = {
